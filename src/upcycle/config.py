@@ -1,0 +1,263 @@
+"""One typed schema for YAML files, CLI `key=value` overrides and Python.
+
+Every section is a pydantic model with `extra="forbid"`, so a misspelt key is an error, not a
+silently ignored setting. `load_config` merges a YAML file, CLI flags and `key=value` overrides,
+then validates everything in one pass and reports every problem at once, each naming its key.
+Checks that need the base model's config.json (not its weights) live in `stages/build.py`.
+
+Where the papers are silent, the default chosen here is documented on the field (SPEC.md).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from upcycle.errors import UpcycleError
+
+Routing = Literal["softmax_topk", "softmax_topk_renorm", "topk_softmax"]
+"""softmax_topk: weights = TopK(Softmax(logits)), not renormalized (NVIDIA's choice).
+softmax_topk_renorm: the same, renormalized to sum to 1 over the chosen experts.
+topk_softmax: Softmax over the top-k logits (Mixtral). Mathematically equal to softmax_topk_renorm."""
+
+ExpertType = Literal["mlp", "lora"]
+InitMethod = Literal["copy", "virtual_group", "drop", "noise"]
+WeightScaling = Literal["none", "nvidia", "output"]
+FormatName = Literal["auto", "mixtral", "qwen2_moe", "qwen3_moe", "upcycle"]
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoRAExpertSpec(_Section):
+    """LoRA experts: each expert is the frozen dense MLP plus its own low-rank deltas."""
+
+    rank: int = Field(8, gt=0, description="LoRA rank r of every expert delta.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the delta is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input during training.")
+    targets: list[Literal["gate_proj", "up_proj", "down_proj"]] = Field(
+        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
+        description="Which MLP projections carry per-expert deltas.",
+    )
+
+
+class MoESpec(_Section):
+    """The shape of the MoE layers: experts, routing and the auxiliary losses."""
+
+    num_experts: int = Field(8, gt=0, description="N routed experts per MoE layer (N = E*G).")
+    top_k: int = Field(2, gt=0, description="T experts chosen per token.")
+    routing: Routing = "topk_softmax"
+    granularity: int = Field(1, gt=0, description="G: each expert is 1/G of the dense MLP's width.")
+    expert_type: ExpertType = "mlp"
+    lora: LoRAExpertSpec = Field(default_factory=LoRAExpertSpec)
+    num_shared_experts: int = Field(0, ge=0, description="Always-on experts (width I/G each).")
+    shared_expert_gate: bool = Field(
+        False, description="Scale the shared experts by sigmoid(x.w) (Qwen2-MoE style); needed for qwen2_moe."
+    )
+    router_init_std: float = Field(0.02, ge=0, description="Std of the random router init.")
+    router_jitter: float = Field(0.0, ge=0, lt=1, description="Multiplicative U(1-e, 1+e) noise on router inputs in training.")
+    aux_loss_coef: float = Field(0.01, ge=0, description="Coefficient of the Switch load-balancing loss.")
+    aux_loss_scope: Literal["per_layer", "global"] = Field(
+        "per_layer",
+        description="per_layer: mean over layers of each layer's Switch loss (the paper's definition); "
+        "global: tokens of all layers pooled, as transformers' load_balancing_loss_func does.",
+    )
+    z_loss_coef: float = Field(0.0, ge=0, description="Router z-loss coefficient (ST-MoE); 0 disables.")
+    layers: list[int] | None = Field(None, description="Decoder layers to make MoE; None means all.")
+
+
+class InitSpec(_Section):
+    """How experts and routers are initialized from the dense MLP (SPEC sections 2 and 3)."""
+
+    method: InitMethod = "copy"
+    weight_scaling: WeightScaling = Field(
+        "none",
+        description="none; nvidia: every expert's input and output projections times s = a^(1/3) "
+        "(gated/squared-ReLU MLPs; a^(1/2) otherwise), a = E*G^2/T (softmax_topk) or G (topk_softmax); "
+        "output: down_proj times a, which is exact for virtual groups under topk routing.",
+    )
+    drop_ratio: float = Field(0.5, ge=0, le=1, description="Drop-Upcycling: fraction r of intermediate indices re-initialized.")
+    drop_index_sets: Literal["shared", "per_matrix"] = Field(
+        "shared",
+        description="shared: one index set per expert for gate/up rows and down columns (the paper's reading); "
+        "per_matrix: an independent set per matrix (the public code).",
+    )
+    noise_std: float = Field(0.01, ge=0, description="noise: add N(0, (noise_std * std(W))^2) to each copied matrix.")
+
+
+class ExportSpec(_Section):
+    """How the MoE is written: which stock transformers class, dtype and sharding."""
+
+    format: FormatName = "auto"
+    dtype: DTypeName = Field("auto", description="auto keeps the base model's dtype.")
+    max_shard_size: str = Field("2GB", description="Largest safetensors shard, e.g. 500MB or 5GB.")
+    lora_storage: Literal["materialize", "compact"] = Field(
+        "materialize",
+        description="LoRA experts: materialize expert i = W + dW_i into a native format, or save "
+        "adapters + routers compactly (format upcycle) and load them back onto the base.",
+    )
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size_parses(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+
+class BuildConfig(_Section):
+    """`upcycle build`: one-shot dense -> MoE conversion."""
+
+    base: Path = Field(description="Dense Hugging Face model folder (config.json + safetensors).")
+    out: Path = Field(description="Output folder; must be empty or absent unless force is set.")
+    seed: int = 0
+    moe: MoESpec = Field(default_factory=MoESpec)
+    init: InitSpec = Field(default_factory=InitSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    force: bool = Field(False, description="Replace a non-empty output folder.")
+    allow_pickle: bool = Field(False, description="Read .bin/.pt weights (torch.load weights_only=True) when no safetensors exist.")
+    trust_remote_code: bool = False
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' -> 2_000_000_000 bytes (decimal units as transformers uses; KiB/MiB/GiB binary)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use e.g. 500MB or 2GB)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+def moe_spec_problems(moe: MoESpec, init: InitSpec, prefix: str = "") -> list[str]:
+    """Cross-field checks that need no model: each message names its key and says what to do."""
+    p = prefix
+    problems = []
+    if moe.top_k > moe.num_experts:
+        problems.append(f"{p}moe.top_k: {moe.top_k} is larger than moe.num_experts={moe.num_experts}; choose top_k <= num_experts")
+    if moe.num_experts % moe.granularity:
+        problems.append(
+            f"{p}moe.num_experts: {moe.num_experts} is not a multiple of moe.granularity={moe.granularity}; "
+            f"N = E*G experts (e.g. {moe.granularity * max(1, moe.num_experts // moe.granularity)})"
+        )
+    if init.method == "copy" and moe.granularity > 1:
+        problems.append(f"{p}init.method: copy makes full-width experts; with moe.granularity={moe.granularity} use virtual_group")
+    if init.method == "virtual_group" and moe.top_k % moe.granularity:
+        problems.append(
+            f"{p}moe.top_k: virtual groups need top_k to be a multiple of granularity "
+            f"(top_k={moe.top_k}, granularity={moe.granularity}) so that top-k picks whole copies of the MLP"
+        )
+    if moe.expert_type == "lora" and moe.granularity > 1:
+        problems.append(f"{p}moe.granularity: LoRA experts share the full dense MLP; granularity must be 1")
+    if moe.expert_type == "lora" and init.method not in ("copy",):
+        problems.append(f"{p}init.method: LoRA experts start as the dense MLP (B = 0); use init.method=copy")
+    if moe.expert_type == "lora" and init.weight_scaling != "none":
+        problems.append(f"{p}init.weight_scaling: not defined for LoRA experts; use none")
+    if moe.layers is not None and len(set(moe.layers)) != len(moe.layers):
+        problems.append(f"{p}moe.layers: {moe.layers} lists a layer twice")
+    return problems
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['moe.top_k=4', 'base=/m'] -> nested dict; values are parsed as YAML scalars/lists."""
+    nested: dict[str, Any] = {}
+    bad = []
+    for item in items:
+        if "=" not in item:
+            bad.append(f"override {item!r}: expected key=value (e.g. moe.top_k=2)")
+            continue
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        set_dotted(nested, key.strip(), value)
+    if bad:
+        raise UpcycleError(*bad)
+    return nested
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UpcycleError(f"override {dotted}: {part} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UpcycleError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UpcycleError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UpcycleError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str = "") -> list[str]:
+    where = f"{source}: " if source else ""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}{key}: unknown key; check the spelling (`upcycle validate` lists valid keys in the error context)")
+        elif e["type"] == "missing":
+            lines.append(f"{where}{key}: required, not given")
+        else:
+            got = e.get("input")
+            lines.append(f"{where}{key}: {e['msg']} (got {got!r})")
+    return lines
+
+
+def load_config(schema: type[BaseModel], path: str | Path | None = None, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None):
+    """Build a validated `schema` instance from a YAML file, explicit values and key=value overrides.
+
+    Later sources win: file < values (CLI flags) < overrides. All problems are raised together.
+    """
+    data: dict[str, Any] = read_yaml(path) if path else {}
+    if values:
+        data = deep_merge(data, values)
+    if overrides:
+        data = deep_merge(data, parse_overrides(overrides))
+    try:
+        cfg = schema.model_validate(data)
+    except ValidationError as e:
+        raise UpcycleError(*format_validation_error(e, str(path) if path else "")) from None
+    problems = []
+    if isinstance(cfg, BuildConfig):
+        problems = moe_spec_problems(cfg.moe, cfg.init)
+    if problems:
+        raise UpcycleError(*problems)
+    return cfg
+
+
+def dump_config(cfg: BaseModel, path: Path) -> None:
+    """Write the resolved config (every default filled in) as YAML."""
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
