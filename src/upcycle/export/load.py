@@ -96,14 +96,16 @@ def _load_own(path: Path, base: str | Path | None, dtype: torch.dtype | None):
     return model
 
 
-def native_to_dense(fmt: MoEFormat, cfg: dict) -> tuple[dict, MoESpec, list[int]]:
+def native_to_dense(fmt: MoEFormat, config) -> tuple[dict, MoESpec, list[int]]:
     """A native MoE config -> (the dense config whose attention and norms match, MoE spec, MoE layers)."""
+    cfg = config.to_dict()
+    cfg["num_experts"] = config.num_experts  # attribute maps differ: Mixtral/Qwen3 store num_local_experts
     dense = {k: cfg[k] for k in COMMON_CONFIG_KEYS if k in cfg}
     n_layers = cfg["num_hidden_layers"]
     if fmt.name == "mixtral":
         expert_width = intermediate = cfg["intermediate_size"]
         dense.update(model_type="mistral", sliding_window=cfg.get("sliding_window"))
-        spec_kw = dict(num_experts=cfg["num_local_experts"], routing="topk_softmax")
+        spec_kw = dict(num_experts=cfg["num_experts"], routing="topk_softmax")
         moe_layers = list(range(n_layers))
     else:
         intermediate, expert_width = cfg["intermediate_size"], cfg["moe_intermediate_size"]
@@ -133,7 +135,7 @@ def native_to_dense(fmt: MoEFormat, cfg: dict) -> tuple[dict, MoESpec, list[int]
 
 
 def _load_native(folder: ModelFolder, fmt: MoEFormat, dtype: torch.dtype | None):
-    dense_cfg, spec, moe_layers = native_to_dense(fmt, folder.config)
+    dense_cfg, spec, moe_layers = native_to_dense(fmt, AutoConfig.from_pretrained(folder.path))
     model = build_skeleton(dense_cfg, spec, moe_layers, dtype)
     reader = folder.reader()
     dims = LayerDims(dense_cfg["hidden_size"], dense_cfg["intermediate_size"], spec)
