@@ -121,7 +121,6 @@ class BuildConfig(_Section):
     export: ExportSpec = Field(default_factory=ExportSpec)
     force: bool = Field(False, description="Replace a non-empty output folder.")
     allow_pickle: bool = Field(False, description="Read .bin/.pt weights (torch.load weights_only=True) when no safetensors exist.")
-    trust_remote_code: bool = False
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)

@@ -162,9 +162,16 @@ class ShardedWriter:
         self._shard = -1
         self.total_bytes = sum(t.nbytes for t in plan)
 
-    def _open(self, shard: int) -> None:
+    def _finish_file(self) -> None:
+        """Flush a complete shard to disk, so the folder's final rename never exposes a partial file."""
         if self._file:
+            self._file.flush()
+            os.fsync(self._file.fileno())
             self._file.close()
+            self._file = None
+
+    def _open(self, shard: int) -> None:
+        self._finish_file()
         header, offset = {}, 0
         for t in self.shards[shard]:
             header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
@@ -199,11 +206,7 @@ class ShardedWriter:
         if self._pos < len(self._order):
             missing = self._order[self._pos][1].name
             raise ValueError(f"tensor {missing!r} and later ones were never written")
-        if self._file:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+        self._finish_file()
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_bytes},
                      "weight_map": {t.name: self.files[s] for s, t in self._order}}

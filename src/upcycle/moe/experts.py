@@ -10,12 +10,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
 from upcycle.config import LoRAExpertSpec
 from upcycle.moe.init import MLPWeights
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def activation(name: str) -> nn.Module:
+    """The model's activation by its config name (imported here: transformers.activations takes ~1 s)."""
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
 
 
 def _dispatch(indices: torch.Tensor, num_experts: int):
@@ -36,7 +42,7 @@ class MLPExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(num_experts, expert_width, hidden_size))  # (E, I_e, H)
         self.up_proj = nn.Parameter(torch.empty(num_experts, expert_width, hidden_size))  # (E, I_e, H)
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, expert_width))  # (E, H, I_e)
-        self.act_fn = ACT2FN[hidden_act]
+        self.act_fn = activation(hidden_act)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: (T, H); indices, weights: (T, k) -> (T, H)."""
@@ -81,7 +87,7 @@ class LoRAExperts(nn.Module):
         self.lora_B = nn.ParameterDict(
             {p: nn.Parameter(torch.empty(num_experts, in_out[p][1], lora.rank)) for p in self.targets})  # (E, out, r)
         self.dropout = nn.Dropout(lora.dropout) if lora.dropout > 0 else nn.Identity()
-        self.act_fn = ACT2FN[hidden_act]
+        self.act_fn = activation(hidden_act)
 
     def _delta(self, proj: str, e: int, h: torch.Tensor) -> torch.Tensor | int:
         if proj not in self.targets:
@@ -124,7 +130,7 @@ class SharedExperts(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, width, bias=False)
         self.up_proj = nn.Linear(hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, hidden_size, bias=False)
-        self.act_fn = ACT2FN[hidden_act]
+        self.act_fn = activation(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))

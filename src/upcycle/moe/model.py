@@ -118,17 +118,3 @@ def _add_moe_losses(module, args, kwargs, output):
         spec = module.upcycle_spec
         output["loss"] = output.loss + spec.aux_loss_coef * losses["aux_loss"] + spec.z_loss_coef * losses["z_loss"]
     return output
-
-
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Total parameters and those active per token (routed experts count k/N of theirs)."""
-    total = sum(p.numel() for p in model.parameters())
-    inactive = 0
-    for _, block in moe_blocks(model):
-        n, k = block.spec.num_experts, block.spec.top_k
-        if isinstance(block.experts, torch.nn.Module) and block.spec.expert_type == "mlp":
-            bank = sum(p.numel() for p in block.experts.parameters())
-        else:
-            bank = sum(p.numel() for p in block.experts.lora_A.parameters()) + sum(p.numel() for p in block.experts.lora_B.parameters())
-        inactive += bank * (n - k) // n
-    return {"total": total, "active": total - inactive}
