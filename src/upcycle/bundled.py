@@ -47,3 +47,17 @@ def smollm2_dir(progress: bool = True) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
+
+
+SUITE_BASE = Path(__file__).parent / "suite" / "base"
+ALIASES = {"bundled:suite-base": lambda: SUITE_BASE, "bundled:smollm2": smollm2_dir}
+
+
+def resolve_model(name: str | Path) -> Path:
+    """A model folder from a path or a bundled alias (bundled:suite-base, bundled:smollm2)."""
+    key = str(name)
+    if key.startswith("bundled:"):
+        if key not in ALIASES:
+            raise UpcycleError(f"unknown bundled model {key!r}; choose one of {', '.join(ALIASES)}")
+        return ALIASES[key]()
+    return Path(name)

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from upcycle.config import BuildConfig, load_config
+from upcycle.config import BuildConfig, PrepareConfig, load_config
 from upcycle.errors import UpcycleError
 
 # CLI flag -> config key; flags are shortcuts for `key=value` overrides.
@@ -24,6 +24,10 @@ BUILD_FLAGS = {
     "init": "init.method", "weight_scaling": "init.weight_scaling", "format": "export.format",
     "dtype": "export.dtype", "force": "force", "allow_pickle": "allow_pickle",
 }
+
+
+PREPARE_FLAGS = {"base": "base", "out": "out", "seed": "seed", "mode": "mode", "data": "data.train",
+                 "epochs": "train.epochs", "save_every": "save_every", "force": "force"}
 
 
 def _flag_values(args: argparse.Namespace, flags: dict[str, str]) -> dict:
@@ -62,6 +66,19 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.add_argument("overrides", nargs="*", help="key=value overrides, e.g. moe.router_init_std=0.01")
 
+    pr = sub.add_parser("prepare", help="UpIT stage 1: instruction-tune and keep checkpoints as experts")
+    pr.add_argument("--config")
+    pr.add_argument("--base", help="dense model folder or bundled:suite-base / bundled:smollm2")
+    pr.add_argument("--out")
+    pr.add_argument("--mode", choices=["lora", "full"])
+    pr.add_argument("--data", nargs="+", help="training data files, or 'suite'")
+    pr.add_argument("--epochs", type=float)
+    pr.add_argument("--save-every", type=float, dest="save_every")
+    pr.add_argument("--seed", type=int)
+    pr.add_argument("--force", action="store_true")
+    pr.add_argument("--quiet", action="store_true")
+    pr.add_argument("overrides", nargs="*")
+
     v = sub.add_parser("validate", help="check a config file (and the base folder's config and headers)")
     v.add_argument("config")
     v.add_argument("overrides", nargs="*")
@@ -93,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(BuildConfig, args.config, args.overrides, _flag_values(args, BUILD_FLAGS))
             summary = build.run(cfg, progress=not args.quiet)
             print(json.dumps(summary, indent=2, default=str)) if args.json else _print_build_summary(summary)
+        elif args.command == "prepare":
+            from upcycle.stages import prepare
+
+            cfg = load_config(PrepareConfig, args.config, args.overrides, _flag_values(args, PREPARE_FLAGS))
+            summary = prepare.run(cfg, progress=not args.quiet)
+            if summary.get("rank", 0) == 0:
+                print(f"prepare: {summary['checkpoints']} checkpoints in {summary['out']}")
         elif args.command == "validate":
             from upcycle.stages import build
 

@@ -123,6 +123,87 @@ class BuildConfig(_Section):
     allow_pickle: bool = Field(False, description="Read .bin/.pt weights (torch.load weights_only=True) when no safetensors exist.")
 
 
+class SuiteSpec(_Section):
+    """The built-in task suite (data `suite`): sizes and the seed that draws its items."""
+
+    seed: int = 0
+    train_per_domain: int = Field(200, gt=0)
+    test_per_domain: int = Field(50, gt=0)
+
+
+class DataSpec(_Section):
+    """Instruction data. `train: suite` uses the built-in suite's train split."""
+
+    train: list[str] = Field(default_factory=lambda: ["suite"], description="JSONL/JSON files, datasets folders, or 'suite'.")
+    eval: list[str] | None = Field(None, description="Held-out data for eval loss; default: a slice of train (eval_fraction).")
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    schema_: Literal["auto", "alpaca", "messages"] = Field("auto", alias="schema")
+    max_length: int = Field(512, gt=8)
+    overlong: Literal["truncate", "error"] = "truncate"
+    on_bad_row: Literal["error", "skip"] = "error"
+    packing: bool = Field(False, description="Pack samples into max_length blocks (else bucket by length and pad).")
+    system_prompt: str | None = None
+    limit: int | None = Field(None, gt=0, description="Use only the first N training samples (quick runs).")
+    suite: SuiteSpec = Field(default_factory=SuiteSpec)
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class LoRATrainSpec(_Section):
+    """LoRA through peft for stage 1 (UpIT's LoRA-based experts): on the MLP by default."""
+
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
+                               description="Module names; add q_proj,k_proj,v_proj,o_proj for attention.")
+
+
+class TrainSpec(_Section):
+    """Optimization, run through the HF Trainer (so torchrun/accelerate/DeepSpeed/FSDP work as usual)."""
+
+    epochs: float = Field(2.0, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    batch_size: int = Field(8, gt=0, description="Per device.")
+    grad_accum: int = Field(1, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where the GPU supports it, else fp32.")
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(10, gt=0)
+    report_to: list[str] = Field(default_factory=list, description="e.g. [tensorboard] or [wandb].")
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON config, passed to TrainingArguments.")
+    fsdp: str | None = Field(None, description="FSDP options string, passed to TrainingArguments.")
+    dataloader_workers: int = Field(0, ge=0)
+    sampler: Literal["group_by_length", "random", "sequential"] = Field(
+        "group_by_length", description="Batch order: similar lengths together (padded), random, or file order.")
+
+
+class PrepareConfig(_Section):
+    """`upcycle prepare`: instruction-tune the dense model and keep checkpoints as experts (UpIT stage 1)."""
+
+    base: str = Field(description="Dense model folder, or bundled:suite-base / bundled:smollm2.")
+    out: Path
+    seed: int = 0
+    mode: Literal["lora", "full"] = Field("lora", description="lora: each saved adapter is an expert; full: each checkpoint's MLP.")
+    lora: LoRATrainSpec = Field(default_factory=LoRATrainSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    save_every: float = Field(0.25, gt=0, description="Checkpoint interval in epochs (paper: 0.25 over 2 epochs -> 8).")
+    keep_optimizer_states: Literal["last", "all"] = Field(
+        "last", description="Optimizer states are only needed to resume: keep the latest checkpoint's (last) or every one.")
+    evaluate: bool = Field(True, description="Score each checkpoint on the built-in suite's test split (table + plot).")
+    eval_max_items: int | None = Field(None, gt=0, description="Cap on suite test items per domain for per-checkpoint scoring.")
+    force: bool = Field(False, description="Start over in a non-empty out folder made with a different config.")
+
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -164,6 +245,14 @@ def moe_spec_problems(moe: MoESpec, init: InitSpec, prefix: str = "") -> list[st
         problems.append(f"{p}init.weight_scaling: not defined for LoRA experts; use none")
     if moe.layers is not None and len(set(moe.layers)) != len(moe.layers):
         problems.append(f"{p}moe.layers: {moe.layers} lists a layer twice")
+    return problems
+
+
+def prepare_problems(cfg: "PrepareConfig") -> list[str]:
+    problems = []
+    checkpoints = cfg.train.epochs / cfg.save_every
+    if abs(checkpoints - round(checkpoints)) > 1e-9:
+        problems.append(f"save_every: {cfg.save_every} does not divide train.epochs={cfg.train.epochs} into whole checkpoints")
     return problems
 
 
@@ -252,6 +341,8 @@ def load_config(schema: type[BaseModel], path: str | Path | None = None, overrid
     problems = []
     if isinstance(cfg, BuildConfig):
         problems = moe_spec_problems(cfg.moe, cfg.init)
+    if isinstance(cfg, PrepareConfig):
+        problems = prepare_problems(cfg)
     if problems:
         raise UpcycleError(*problems)
     return cfg
@@ -259,4 +350,13 @@ def load_config(schema: type[BaseModel], path: str | Path | None = None, overrid
 
 def dump_config(cfg: BaseModel, path: Path) -> None:
     """Write the resolved config (every default filled in) as YAML."""
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+
+
+def config_hash(cfg: BaseModel, exclude: set[str] = frozenset({"force", "out"})) -> str:
+    """A stable hash of everything that changes a stage's result (not where it is written)."""
+    import hashlib
+    import json
+
+    data = cfg.model_dump(mode="json", by_alias=True, exclude=set(exclude))
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

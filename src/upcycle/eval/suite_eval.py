@@ -1,0 +1,91 @@
+"""Score a model on the built-in suite's test items, per domain.
+
+Generation domains (code, math, knowledge) use greedy decoding on the chat-formatted prompt in
+left-padded batches; multiple choice compares the summed log-likelihood of each option as the
+assistant's answer (lm-eval's `acc`). Scores are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from tqdm.auto import tqdm
+
+from upcycle.data.encode import render
+from upcycle.eval.scorers import score_code, score_exact, score_number
+from upcycle.suite.tasks import DOMAINS, Item
+
+MAX_NEW_TOKENS = {"code": 48, "math": 6, "knowledge": 12}
+
+
+def prompt_text(tokenizer, item: Item) -> str:
+    return render(tokenizer, [{"role": "user", "content": item.prompt}], add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy completions, without the prompt; stops at the tokenizer's end-of-turn (eos) token."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    outs = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            outs += tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return outs
+
+
+@torch.no_grad()
+def option_logliks(model, tokenizer, prompt: str, options: list[str]) -> list[float]:
+    """Sum of log-probabilities of each option's tokens after the prompt."""
+    device = next(model.parameters()).device
+    prefix = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    seqs = [prefix + tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+    width = max(map(len, seqs))
+    pad = tokenizer.pad_token_id or 0
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    scores = []
+    for row, s in enumerate(seqs):
+        positions = range(len(prefix), len(s))
+        scores.append(sum(logp[row, t - 1, s[t]].item() for t in positions))
+    return scores
+
+
+def evaluate_items(model, tokenizer, items: list[Item], progress: bool = False, batch_size: int = 32) -> dict:
+    """{'scores': {domain: fraction}, 'average': ..., 'outputs': [per item]}"""
+    model.eval()
+    per_domain: dict[str, list[float]] = defaultdict(list)
+    outputs = []
+    by_domain = defaultdict(list)
+    for item in items:
+        by_domain[item.domain].append(item)
+    for domain in [d for d in DOMAINS if d in by_domain]:
+        todo = by_domain[domain]
+        if domain == "mc":
+            for item in tqdm(todo, desc="mc", disable=not progress):
+                ll = option_logliks(model, tokenizer, prompt_text(tokenizer, item), item.options)
+                choice = max(range(len(ll)), key=ll.__getitem__)
+                per_domain[domain].append(float(choice == item.correct))
+                outputs.append({"domain": domain, "prompt": item.prompt, "output": item.options[choice],
+                                "score": per_domain[domain][-1]})
+            continue
+        texts = generate(model, tokenizer, [prompt_text(tokenizer, i) for i in todo], MAX_NEW_TOKENS[domain], batch_size)
+        for item, text in tqdm(list(zip(todo, texts)), desc=domain, disable=not progress):
+            if domain == "code":
+                score, _ = score_code(text, item.tests)
+            elif domain == "math":
+                score = score_number(text, item.target)
+            else:
+                score = score_exact(text, item.target)
+            per_domain[domain].append(score)
+            outputs.append({"domain": domain, "prompt": item.prompt, "output": text, "score": score})
+    scores = {d: sum(v) / len(v) for d, v in per_domain.items()}
+    return {"scores": scores, "average": sum(scores.values()) / len(scores), "outputs": outputs}
