@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from upcycle.config import BuildConfig, PrepareConfig, load_config
+from upcycle.config import BuildConfig, MergeConfig, PrepareConfig, load_config
 from upcycle.errors import UpcycleError
 
 # CLI flag -> config key; flags are shortcuts for `key=value` overrides.
@@ -79,6 +79,12 @@ def _build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true")
     pr.add_argument("overrides", nargs="*")
 
+    mg = sub.add_parser("merge", help="merge checkpoints (linear, task_arithmetic, ties, dare, dare_ties), streaming")
+    mg.add_argument("config")
+    mg.add_argument("--force", action="store_true")
+    mg.add_argument("--quiet", action="store_true")
+    mg.add_argument("overrides", nargs="*")
+
     v = sub.add_parser("validate", help="check a config file (and the base folder's config and headers)")
     v.add_argument("config")
     v.add_argument("overrides", nargs="*")
@@ -117,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
             summary = prepare.run(cfg, progress=not args.quiet)
             if summary.get("rank", 0) == 0:
                 print(f"prepare: {summary['checkpoints']} checkpoints in {summary['out']}")
+        elif args.command == "merge":
+            from upcycle.stages import merge
+
+            cfg = load_config(MergeConfig, args.config, args.overrides, {"force": True} if args.force else None)
+            s = merge.run(cfg, progress=not args.quiet)
+            print(f"merged {len(cfg.models)} models with {s['method']} into {s['out']} ({s['tensors']} tensors, {s['seconds']:.1f}s)")
         elif args.command == "validate":
             from upcycle.stages import build
 

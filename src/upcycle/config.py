@@ -204,6 +204,31 @@ class PrepareConfig(_Section):
     force: bool = Field(False, description="Start over in a non-empty out folder made with a different config.")
 
 
+class MergeModel(_Section):
+    path: str
+    weight: float = 1.0
+
+
+class MergeConfig(_Section):
+    """`upcycle merge`: merge whole checkpoints tensor by tensor (SPEC section 4)."""
+
+    method: Literal["linear", "task_arithmetic", "ties", "dare", "dare_ties"]
+    base: str | None = Field(None, description="The model task vectors are taken against (all methods but linear).")
+    models: list[MergeModel] = Field(min_length=1)
+    out: Path
+    seed: int = 0
+    scale: float = Field(1.0, description="lambda: theta = base + lambda * merged task vector.")
+    density: float = Field(0.5, gt=0, le=1, description="ties: fraction of each task vector kept by magnitude.")
+    drop_p: float = Field(0.5, ge=0, lt=1, description="dare: drop probability p; survivors are rescaled.")
+    dare_rescale: Literal["inverse", "l1"] = Field("inverse", description="inverse: 1/(1-p) (DARE); l1: keep the L1 norm (mergekit).")
+    sign_method: Literal["total", "frequency"] = "total"
+    normalize: bool = Field(True, description="linear: divide by the sum of the weights.")
+    dtype: DTypeName = "auto"
+    max_shard_size: str = "2GB"
+    force: bool = False
+    allow_pickle: bool = False
+
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -343,6 +368,8 @@ def load_config(schema: type[BaseModel], path: str | Path | None = None, overrid
         problems = moe_spec_problems(cfg.moe, cfg.init)
     if isinstance(cfg, PrepareConfig):
         problems = prepare_problems(cfg)
+    if isinstance(cfg, MergeConfig) and cfg.method != "linear" and cfg.base is None:
+        problems = [f"base: merge method {cfg.method} takes task vectors against a base model; give base="]
     if problems:
         raise UpcycleError(*problems)
     return cfg

@@ -22,7 +22,7 @@ from upcycle.suite.tasks import Suite, corpus
 from upcycle.tiny import CHATML_TEMPLATE
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-MODEL = dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+MODEL = dict(vocab_size=1024, hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6,
              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, rms_norm_eps=1e-5)
 BLOCK = 256
 
@@ -56,7 +56,7 @@ def blocks(docs: list[str], tokenizer, size: int) -> list[list[int]]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--epochs", type=float, default=60)
+    ap.add_argument("--epochs", type=float, default=40)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     config = LlamaConfig(**MODEL, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)
-    train = TrainSpec(epochs=args.epochs, lr=3e-3, scheduler="cosine", warmup_ratio=0.02, batch_size=16, logging_steps=50)
+    train = TrainSpec(epochs=args.epochs, lr=2e-3, scheduler="cosine", warmup_ratio=0.02, batch_size=16, logging_steps=50)
     out = Path(args.out)
     dataset = [{"input_ids": b, "labels": b} for b in data]
 
