@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from upcycle.config import BuildConfig, MergeConfig, PrepareConfig, load_config
+from upcycle.config import BuildConfig, ExpandConfig, MergeConfig, PrepareConfig, load_config
 from upcycle.errors import UpcycleError
 
 # CLI flag -> config key; flags are shortcuts for `key=value` overrides.
@@ -28,6 +28,9 @@ BUILD_FLAGS = {
 
 PREPARE_FLAGS = {"base": "base", "out": "out", "seed": "seed", "mode": "mode", "data": "data.train",
                  "epochs": "train.epochs", "save_every": "save_every", "force": "force"}
+
+
+EXPAND_FLAGS = {"prepare": "prepare", "out": "out", "num_experts": "num_experts", "seed": "seed", "force": "force"}
 
 
 def _flag_values(args: argparse.Namespace, flags: dict[str, str]) -> dict:
@@ -79,6 +82,16 @@ def _build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true")
     pr.add_argument("overrides", nargs="*")
 
+    ex = sub.add_parser("expand", help="UpIT stage 2: grow the checkpoints into N experts (genetic DARE merging)")
+    ex.add_argument("--config")
+    ex.add_argument("--prepare", help="the prepare stage's output folder")
+    ex.add_argument("--out")
+    ex.add_argument("--num-experts", type=int, dest="num_experts")
+    ex.add_argument("--seed", type=int)
+    ex.add_argument("--force", action="store_true")
+    ex.add_argument("--quiet", action="store_true")
+    ex.add_argument("overrides", nargs="*")
+
     mg = sub.add_parser("merge", help="merge checkpoints (linear, task_arithmetic, ties, dare, dare_ties), streaming")
     mg.add_argument("config")
     mg.add_argument("--force", action="store_true")
@@ -123,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
             summary = prepare.run(cfg, progress=not args.quiet)
             if summary.get("rank", 0) == 0:
                 print(f"prepare: {summary['checkpoints']} checkpoints in {summary['out']}")
+        elif args.command == "expand":
+            from upcycle.stages import expand
+
+            cfg = load_config(ExpandConfig, args.config, args.overrides, _flag_values(args, EXPAND_FLAGS))
+            s = expand.run(cfg, progress=not args.quiet)
+            print(f"expand: {s['experts']} experts ({s['children']} children) in {s['out']}")
         elif args.command == "merge":
             from upcycle.stages import merge
 

@@ -229,6 +229,26 @@ class MergeConfig(_Section):
     allow_pickle: bool = False
 
 
+class ExpandConfig(_Section):
+    """`upcycle expand`: grow the stage-1 checkpoints into num_experts experts (UpIT stage 2)."""
+
+    prepare: Path = Field(description="The prepare stage's output folder (its manifest lists the checkpoints).")
+    out: Path
+    num_experts: int = Field(8, gt=0, description="N experts in the final pool.")
+    checkpoints: Literal["second_half", "first_half", "all"] | list[int] = Field(
+        "second_half", description="Which checkpoints seed the pool (paper: the second half); or explicit indices.")
+    expansion: bool = Field(True, description="false: use the selected checkpoints directly (an error if too few).")
+    parents: Literal["most_dissimilar", "random"] = "most_dissimilar"
+    similarity: Literal["cosine", "l2"] = Field("cosine", description="cosine of task vectors (lowest wins) or L2 distance (largest wins).")
+    per_layer: bool = Field(False, description="Choose the parent pair separately for each layer.")
+    drop_p: float = Field(0.5, ge=0, lt=1, description="DARE drop probability p (the paper does not state it).")
+    dare_rescale: Literal["inverse", "l1"] = "inverse"
+    lora_child_rank: int | None = Field(None, gt=0, description="LoRA children are stored at this rank via SVD (default: "
+                                        "the parents' rank); the relative error is recorded in the lineage.")
+    seed: int = 0
+    force: bool = False
+
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

@@ -136,10 +136,10 @@ def assign_shards(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[
     return shards
 
 
-def shard_names(count: int) -> list[str]:
+def shard_names(count: int, basename: str = "model") -> list[str]:
     if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        return [f"{basename}.safetensors"]
+    return [f"{basename}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
 class ShardedWriter:
@@ -147,14 +147,15 @@ class ShardedWriter:
     parts of one tensor (slices along dim 0); a zero-size tensor still takes one call. Call `close()` to write the index; it checks that
     every planned byte was written."""
 
-    def __init__(self, folder: Path, plan: list[PlannedTensor], max_shard_bytes: int):
+    def __init__(self, folder: Path, plan: list[PlannedTensor], max_shard_bytes: int, basename: str = "model"):
         names = [t.name for t in plan]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise ValueError(f"tensor {dup!r} planned twice")
         self.folder = Path(folder)
         self.shards = assign_shards(plan, max_shard_bytes)
-        self.files = shard_names(len(self.shards))
+        self.files = shard_names(len(self.shards), basename)
+        self.basename = basename
         self._order = [(s, t) for s, shard in enumerate(self.shards) for t in shard]
         self._pos = 0          # index into _order of the tensor being written
         self._written = 0      # bytes of that tensor written so far
@@ -210,5 +211,5 @@ class ShardedWriter:
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_bytes},
                      "weight_map": {t.name: self.files[s] for s, t in self._order}}
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (self.folder / f"{self.basename}.safetensors.index.json").write_text(json.dumps(index, indent=2))
         return self.files

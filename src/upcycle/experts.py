@@ -1,0 +1,107 @@
+"""Experts on disk: read any expert's MLP task vector tau (per layer and projection) lazily.
+
+Two kinds, one interface:
+  FFN expert   a full checkpoint (prepare mode `full`) or an expert folder of MLP tensors:
+               tau = W - W_base for `model.layers.L.mlp.P.weight`
+  LoRA expert  a peft adapter folder: tau = (alpha / r) * B @ A for the adapter on layers.L.mlp.P
+A key is (layer, projection). Nothing is held beyond the tensor asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from upcycle.errors import UpcycleError
+from upcycle.io.safetensors_io import SafetensorsReader
+from upcycle.moe.experts import PROJS
+
+FFN_KEY = "model.layers.{layer}.mlp.{proj}.weight"
+FFN_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+LORA_RE = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.mlp\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+Key = tuple[int, str]
+
+
+def ffn_name(key: Key) -> str:
+    return FFN_KEY.format(layer=key[0], proj=key[1])
+
+
+class FFNExpert:
+    kind = "ffn"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.reader = SafetensorsReader(sorted(self.path.glob("*.safetensors")))
+        if not self.reader.tensors:
+            raise UpcycleError(f"expert {self.path}: no safetensors weights")
+        found = {(int(m.group(1)), m.group(2)) for m in map(FFN_RE.match, self.reader.names()) if m}
+        self.keys: list[Key] = sorted(found, key=lambda k: (k[0], PROJS.index(k[1])))
+
+    def shape(self, key: Key) -> tuple[int, ...]:
+        return tuple(self.reader.tensors[ffn_name(key)].shape)
+
+    def weight(self, key: Key) -> torch.Tensor:
+        return self.reader.get(ffn_name(key)).float()
+
+    def tau(self, key: Key, base: torch.Tensor) -> torch.Tensor:
+        return self.weight(key) - base
+
+
+class LoRAExpert:
+    kind = "lora"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        weights = self.path / "adapter_model.safetensors"
+        cfg_path = self.path / "adapter_config.json"
+        if not weights.is_file() or not cfg_path.is_file():
+            raise UpcycleError(f"expert {self.path}: not a peft adapter folder (adapter_model.safetensors + adapter_config.json)")
+        cfg = json.loads(cfg_path.read_text())
+        self.rank, self.scaling = int(cfg["r"]), float(cfg["lora_alpha"]) / int(cfg["r"])
+        self.reader = SafetensorsReader([weights])
+        self.names: dict[Key, dict[str, str]] = {}
+        for name in self.reader.names():
+            m = LORA_RE.match(name)
+            if m:
+                self.names.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = name
+        self.keys: list[Key] = sorted(self.names, key=lambda k: (k[0], PROJS.index(k[1]) if k[1] in PROJS else 9))
+        if not self.keys:
+            raise UpcycleError(f"expert {self.path}: the adapter has no LoRA weights on MLP projections")
+
+    def factors(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (r, in), B (out, r)) as stored."""
+        n = self.names[key]
+        return self.reader.get(n["A"]).float(), self.reader.get(n["B"]).float()
+
+    def shape(self, key: Key) -> tuple[int, ...]:
+        n = self.names[key]
+        return (self.reader.tensors[n["B"]].shape[0], self.reader.tensors[n["A"]].shape[1])
+
+    def tau(self, key: Key, base: torch.Tensor | None = None) -> torch.Tensor:
+        a, b = self.factors(key)
+        return self.scaling * (b @ a)
+
+
+def open_expert(path: str | Path):
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        return LoRAExpert(path)
+    return FFNExpert(path)
+
+
+def lora_factors_from_delta(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-r factors (A, B) of a delta by SVD, with B @ A ~ delta; returns the relative
+    Frobenius error ||delta - B A|| / ||delta|| (0 when rank >= the delta's rank)."""
+    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    r = min(rank, s.numel())
+    b = u[:, :r] * s[:r]  # (out, r)
+    a = vh[:r]  # (r, in)
+    if r < rank:  # pad to the requested rank with zeros (exact)
+        b = torch.cat([b, torch.zeros(b.shape[0], rank - r)], dim=1)
+        a = torch.cat([a, torch.zeros(rank - r, a.shape[1])], dim=0)
+    norm = delta.norm()
+    error = ((delta - b @ a).norm() / norm).item() if norm > 0 else 0.0
+    return a, b, error

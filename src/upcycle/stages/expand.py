@@ -1,0 +1,293 @@
+"""`upcycle expand`: UpIT stage 2. Grow the stage-1 checkpoints into N experts with a genetic algorithm.
+
+    upcycle expand --prepare runs/prepare --out runs/expand --num-experts 8
+
+The story: the pool starts as the selected checkpoints (default: the second half). While it has
+fewer than N experts: find the two most dissimilar experts (cosine of their task vectors over all
+MLP parameters, lowest wins), draw alpha ~ U(0, 1), and make a child
+    tau_child = DARE(alpha * tau_j) + DARE((1 - alpha) * tau_k)
+which joins the pool and may be a parent later. FFN experts merge weights; LoRA experts merge
+their deltas dW = (alpha_lora / r) B A, and the child is stored as LoRA factors by SVD (rank and
+relative error recorded). Every round is recorded (parents, alpha, p, seed, the similarity
+matrix before it) in lineage.json; the final similarity heatmap goes to similarity.png.
+
+Streaming: the similarity (a Gram matrix of task vectors) and each child are computed key by key
+(one layer's projection at a time), so memory is the pool size times one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from upcycle.config import ExpandConfig, config_hash, dump_config
+from upcycle.errors import UpcycleError
+from upcycle.experts import FFNExpert, Key, LoRAExpert, ffn_name, lora_factors_from_delta, open_expert
+from upcycle.io.atomic import atomic_dir
+from upcycle.io.model_folder import ModelFolder
+from upcycle.io.safetensors_io import PlannedTensor, ShardedWriter
+from upcycle.manifest import MANIFEST, Manifest, sha256_files
+from upcycle.merge import ops
+from upcycle.seeding import generator
+
+
+# ------------------------------------------------------------------------------ the pool
+
+
+def select_checkpoints(entries: list[dict], choice) -> list[dict]:
+    k = len(entries)
+    if choice == "all":
+        return list(entries)
+    if choice == "second_half":
+        return entries[k // 2:]
+    if choice == "first_half":
+        return entries[: k // 2]
+    bad = [i for i in choice if not 0 <= i < k]
+    if bad:
+        raise UpcycleError(f"checkpoints: indices {bad} out of range; the prepare stage saved checkpoints 0..{k - 1}")
+    return [entries[i] for i in choice]
+
+
+def check_pool(experts: list, base_reader) -> list[Key]:
+    """All experts must have the same keys and shapes, matching the base; the error names the first difference."""
+    ref = experts[0]
+    for e in experts[1:]:
+        if e.kind != ref.kind:
+            raise UpcycleError(f"expert {e.path}: a {e.kind} expert in a pool of {ref.kind} experts")
+        for key in ref.keys:
+            if key not in e.keys:
+                raise UpcycleError(f"expert {e.path}: has no tensor for {ffn_name(key)} (present in {ref.path})")
+            if e.shape(key) != ref.shape(key):
+                raise UpcycleError(f"expert {e.path}: {ffn_name(key)} has shape {list(e.shape(key))}, "
+                                   f"{ref.path} has {list(ref.shape(key))}")
+        extra = [k for k in e.keys if k not in ref.keys]
+        if extra:
+            raise UpcycleError(f"expert {e.path}: has {ffn_name(extra[0])} that {ref.path} does not")
+    for key in ref.keys:
+        name = ffn_name(key)
+        if name not in base_reader.tensors:
+            raise UpcycleError(f"base: has no tensor {name}, which the experts have; is it the model they were trained from?")
+        base_shape = tuple(base_reader.tensors[name].shape)
+        if base_shape != ref.shape(key):
+            raise UpcycleError(f"base: {name} has shape {list(base_shape)}, the experts have {list(ref.shape(key))}; "
+                               "is it the model they were trained from?")
+    return ref.keys
+
+
+def taus(experts: list, key: Key, base: torch.Tensor) -> torch.Tensor:
+    """(pool, numel) task vectors of one key, fp32."""
+    return torch.stack([e.tau(key, base).reshape(-1) for e in experts])
+
+
+def gram_matrices(experts: list, keys: list[Key], base_reader, progress: bool) -> dict[int, torch.Tensor]:
+    """Per-layer Gram matrices G_l[i, j] = <tau_i, tau_j> over layer l's MLP parameters (float64)."""
+    n = len(experts)
+    grams: dict[int, torch.Tensor] = {}
+    for key in tqdm(keys, desc="similarity", disable=not progress, mininterval=0.5):
+        t = taus(experts, key, base_reader.get(ffn_name(key)).float()).double()
+        grams.setdefault(key[0], torch.zeros(n, n, dtype=torch.float64))
+        grams[key[0]] += t @ t.T
+    return grams
+
+
+def similarity(gram: torch.Tensor, metric: str) -> torch.Tensor:
+    """cosine similarity, or (negated) L2 distance: in both, lower means more dissimilar."""
+    d = gram.diagonal()
+    if metric == "cosine":
+        return gram / (d[:, None] * d[None, :]).sqrt().clamp_min(1e-30)
+    return -(d[:, None] + d[None, :] - 2 * gram).clamp_min(0).sqrt()
+
+
+def most_dissimilar(sim: torch.Tensor) -> tuple[int, int]:
+    n = sim.shape[0]
+    pairs = [(sim[i, j].item(), i, j) for i in range(n) for j in range(i + 1, n)]
+    _, i, j = min(pairs)  # ties: lowest indices, deterministically
+    return i, j
+
+
+def random_pair(n: int, gen: torch.Generator) -> tuple[int, int]:
+    i, j = torch.randperm(n, generator=gen)[:2].tolist()
+    return min(i, j), max(i, j)
+
+
+# ------------------------------------------------------------------------------ children
+
+
+def write_child(folder: Path, experts: list, keys: list[Key], base_reader, parents: dict[int, tuple[int, int]],
+                alpha: float, cfg: ExpandConfig, round_index: int, progress: bool) -> tuple[dict[int, torch.Tensor], dict]:
+    """Write one child expert into `folder`; return its Gram row per layer (vs the pool and itself) and storage notes."""
+    kind = experts[0].kind
+    n = len(experts)
+    rows: dict[int, torch.Tensor] = {}
+    errors: list[float] = []
+    if kind == "ffn":
+        planned = [PlannedTensor(ffn_name(k), experts[0].shape(k), experts[0].reader.tensors[ffn_name(k)].dtype) for k in keys]
+        weights_file = "model.safetensors"
+    else:
+        rank = cfg.lora_child_rank or max(e.rank for e in experts)
+        planned = []
+        for k in keys:
+            out_dim, in_dim = experts[0].shape(k)
+            prefix = f"base_model.model.model.layers.{k[0]}.mlp.{k[1]}"
+            planned += [PlannedTensor(f"{prefix}.lora_A.weight", (rank, in_dim), torch.float32),
+                        PlannedTensor(f"{prefix}.lora_B.weight", (out_dim, rank), torch.float32)]
+        weights_file = "adapter_model.safetensors"
+    writer = ShardedWriter(folder, planned, max_shard_bytes=1 << 62, basename=weights_file.removesuffix(".safetensors"))
+    for key in tqdm(keys, desc=f"child {n}", disable=not progress, mininterval=0.5):
+        base = base_reader.get(ffn_name(key)).float()
+        pool = taus(experts, key, base)  # (n, numel)
+        j, k = parents[key[0]]
+        name = ffn_name(key)
+        child = ops.combine([ops.dare(pool[j], cfg.drop_p, generator(cfg.seed, "expand", round_index, name, "j"), rescale=cfg.dare_rescale),
+                             ops.dare(pool[k], cfg.drop_p, generator(cfg.seed, "expand", round_index, name, "k"), rescale=cfg.dare_rescale)],
+                            [alpha, 1 - alpha], "sum")
+        if kind == "ffn":
+            writer.write(name, (base.reshape(-1) + child).reshape(base.shape))
+            stored = child
+        else:
+            a, b, err = lora_factors_from_delta(child.reshape(base.shape), rank)
+            prefix = f"base_model.model.model.layers.{key[0]}.mlp.{key[1]}"
+            writer.write(f"{prefix}.lora_A.weight", a)
+            writer.write(f"{prefix}.lora_B.weight", b)
+            stored = (b @ a).reshape(-1)  # what the child is, after storage
+            errors.append(err)
+        row = torch.cat([pool, stored[None]]).double() @ stored.double()  # (n + 1,)
+        rows[key[0]] = rows.get(key[0], torch.zeros(n + 1, dtype=torch.float64)) + row
+    writer.close()
+    notes = {}
+    if kind == "lora":
+        src = json.loads((experts[0].path / "adapter_config.json").read_text())
+        src.update(r=rank, lora_alpha=rank, target_modules=sorted({k[1] for k in keys}))  # scaling 1: folded into B
+        (folder / "adapter_config.json").write_text(json.dumps(src, indent=2))
+        notes = {"storage": f"SVD to rank {rank}", "svd_relative_error_max": max(errors), "svd_relative_error_mean": sum(errors) / len(errors)}
+    else:
+        notes = {"storage": "exact (full MLP weights)"}
+    return rows, {"weights": weights_file, **notes}
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+def _grams_to_json(grams: dict[int, torch.Tensor]) -> dict:
+    return {str(l): g.tolist() for l, g in grams.items()}
+
+
+def _grams_from_json(data: dict) -> dict[int, torch.Tensor]:
+    return {int(l): torch.tensor(g, dtype=torch.float64) for l, g in data.items()}
+
+
+def run(cfg: ExpandConfig, progress: bool = True) -> dict:
+    started = time.perf_counter()
+    prep_path = Path(cfg.prepare) / MANIFEST
+    if not prep_path.is_file():
+        raise UpcycleError(f"prepare {cfg.prepare}: no {MANIFEST}; run `upcycle prepare` first")
+    prep = json.loads(prep_path.read_text())
+    if not prep.get("complete"):
+        raise UpcycleError(f"prepare {cfg.prepare}: the prepare stage has not finished; rerun it to complete")
+    selected = select_checkpoints(prep["checkpoints"], cfg.checkpoints)
+    if len(selected) > cfg.num_experts:
+        raise UpcycleError(f"num_experts: {cfg.num_experts} is below the pool size {len(selected)} "
+                           f"(checkpoints={cfg.checkpoints!r} selects {len(selected)}); raise num_experts or select fewer")
+    if not cfg.expansion and len(selected) < cfg.num_experts:
+        raise UpcycleError(f"expansion is off but checkpoints={cfg.checkpoints!r} selects only {len(selected)} of the "
+                           f"{cfg.num_experts} experts; select more (checkpoints=all) or turn expansion on")
+    if len(selected) < 2 and cfg.num_experts > len(selected):
+        raise UpcycleError("expansion needs at least two checkpoints to merge")
+    base_folder = ModelFolder(prep["base"])
+    base_reader = base_folder.reader()
+    experts = [open_expert(Path(cfg.prepare) / c["path"]) for c in selected]
+    keys = check_pool(experts, base_reader)
+
+    out = Path(cfg.out)
+    manifest = Manifest.open(out, "expand", config_hash(cfg), force=cfg.force, initial={
+        "base": prep["base"], "kind": experts[0].kind, "num_experts": cfg.num_experts,
+        "experts": [{"index": i, "origin": "checkpoint", "checkpoint": c["index"], "epoch": c["epoch"],
+                     "path": str((Path(cfg.prepare) / c["path"]).resolve()), "sha256": c["sha256"]}
+                    for i, c in enumerate(selected)],
+        "lineage": []})
+    if not (out / "upcycle_config.yaml").exists():
+        dump_config(cfg, out / "upcycle_config.yaml")
+    records = manifest.data["experts"]
+    experts = [open_expert(r["path"]) for r in records]  # on resume, children made earlier are in the pool
+    if "grams" in manifest.data:
+        grams = _grams_from_json(manifest.data["grams"])
+    else:
+        grams = gram_matrices(experts, keys, base_reader, progress)
+        manifest.data["grams"] = _grams_to_json(grams)
+        manifest.save()
+
+    while len(experts) < cfg.num_experts:
+        round_index = len(manifest.data["lineage"])
+        total = sum(grams.values())
+        before = similarity(total, cfg.similarity)
+        if cfg.parents == "random":
+            gen = generator(cfg.seed, "expand", round_index, "parents")
+            pair = random_pair(len(experts), gen)
+            parents = {l: (random_pair(len(experts), gen) if cfg.per_layer else pair) for l in grams}
+        elif cfg.per_layer:
+            parents = {l: most_dissimilar(similarity(g, cfg.similarity)) for l, g in grams.items()}
+        else:
+            pair = most_dissimilar(before)
+            parents = {l: pair for l in grams}
+        alpha = torch.rand((), generator=generator(cfg.seed, "expand", round_index, "alpha")).item()
+        index = len(experts)
+        child_dir = out / "experts" / f"child-{index:02d}"
+        with atomic_dir(child_dir, force=True) as tmp:
+            rows, notes = write_child(tmp, experts, keys, base_reader, parents, alpha, cfg, round_index, progress)
+        for l, g in grams.items():  # grow every layer's Gram matrix by the child's row
+            grown = torch.zeros(index + 1, index + 1, dtype=torch.float64)
+            grown[:index, :index] = g
+            grown[index, :] = rows[l]
+            grown[:, index] = rows[l]
+            grams[l] = grown
+        distinct = sorted(set(parents.values()))
+        record = {"round": round_index, "child": index, "parents": list(distinct[0]) if len(distinct) == 1 else
+                  {str(l): list(p) for l, p in parents.items()}, "alpha": alpha, "drop_p": cfg.drop_p,
+                  "seed": cfg.seed, "parent_choice": cfg.parents, "metric": cfg.similarity,
+                  "similarity_before": before.tolist(), **notes}
+        records.append({"index": index, "origin": "child", "path": str(child_dir.resolve()),
+                        "sha256": sha256_files(sorted(child_dir.glob("*.safetensors")))})
+        manifest.data["lineage"].append(record)
+        manifest.data["grams"] = _grams_to_json(grams)
+        manifest.save()
+        experts.append(open_expert(child_dir))
+        if progress:
+            print(f"round {round_index}: child {index} = DARE({alpha:.3f} * tau_{record['parents']}) ...", flush=True)
+
+    final = similarity(sum(grams.values()), cfg.similarity)
+    manifest.data["similarity"] = final.tolist()
+    manifest.data["complete"] = True
+    manifest.save()
+    (out / "lineage.json").write_text(json.dumps({"experts": records, "rounds": manifest.data["lineage"],
+                                                  "final_similarity": final.tolist(), "metric": cfg.similarity}, indent=2))
+    plot_similarity(final, records, cfg.similarity, out / "similarity.png")
+    return {"out": str(out), "experts": len(records), "children": len(manifest.data["lineage"]),
+            "seconds": time.perf_counter() - started}
+
+
+def plot_similarity(sim: torch.Tensor, records: list[dict], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = sim.numpy() if metric == "cosine" else -sim.numpy()
+    labels = [f"ck{r['checkpoint']}" if r["origin"] == "checkpoint" else f"child{r['index']}" for r in records]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1 + 0.55 * len(labels)))
+    im = ax.imshow(values, cmap="viridis")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if values[i, j] < values.mean() else "black")
+    fig.colorbar(im, ax=ax, label="cosine similarity of task vectors" if metric == "cosine" else "L2 distance")
+    ax.set_title("Expert pool after expansion")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
