@@ -36,6 +36,7 @@ def main() -> None:
     from upcycle.data.build import build_datasets
     from upcycle.data.dataset import Collator
     from upcycle.stages import prepare
+    from upcycle.train.checkpoints import make_recorder
     from upcycle.train.engine import training_arguments
 
     work = Path(tempfile.mkdtemp(prefix="bench-prepare-", dir=ROOT / "bench"))
@@ -71,7 +72,7 @@ def main() -> None:
             model = prepare.load_model(base, cfg)
             targs = training_arguments(cfg.train, work / "prepare" / prepare.CHECKPOINTS, cfg.seed, progress=False)
             trainer = Trainer(model=model, args=targs, train_dataset=data.train, data_collator=Collator(tokenizer.pad_token_id),
-                              callbacks=[prepare.make_recorder(cfg, manifest, has_eval=False)])
+                              callbacks=[make_recorder(manifest, cfg.train.epochs, cfg.save_every, cfg.keep_optimizer_states, has_eval=False)])
             trainer.remove_callback(PrinterCallback)
             start = time.perf_counter()
             trainer.train()

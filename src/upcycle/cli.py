@@ -1,8 +1,10 @@
 """The `upcycle` command line: parse, load and validate the config, call a stage's run().
 
     upcycle build --base DENSE_DIR --out OUT_DIR --num-experts 8 --top-k 2 --init copy
-    upcycle build --config build.yaml moe.top_k=4 export.format=qwen2_moe
-    upcycle validate build.yaml
+    upcycle prepare | expand | route | post-train --config STAGE.yaml [key=value ...]
+    upcycle run recipes/upit_lora.yaml [key=value ...]        every stage in order, resumable
+    upcycle merge merge.yaml
+    upcycle validate CONFIG
     upcycle demo
 
 Bad input ends with one line per problem on stderr (`upcycle: error: ...`) and exit status 2.
@@ -13,101 +15,117 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 
-from upcycle.config import BuildConfig, ExpandConfig, MergeConfig, PrepareConfig, load_config
 from upcycle.errors import UpcycleError
 
-# CLI flag -> config key; flags are shortcuts for `key=value` overrides.
-BUILD_FLAGS = {
-    "base": "base", "out": "out", "seed": "seed", "num_experts": "moe.num_experts", "top_k": "moe.top_k",
-    "router": "moe.routing", "granularity": "moe.granularity", "expert_type": "moe.expert_type",
-    "init": "init.method", "weight_scaling": "init.weight_scaling", "format": "export.format",
-    "dtype": "export.dtype", "force": "force", "allow_pickle": "allow_pickle",
+
+@dataclass(frozen=True)
+class Command:
+    """A stage command: its config schema (name in upcycle.config), module, and flag -> key shortcuts."""
+
+    schema: str
+    module: str
+    help: str
+    flags: dict[str, tuple[str, dict]] = field(default_factory=dict)  # --flag -> (config key, argparse kwargs)
+
+
+COMMANDS: dict[str, Command] = {
+    "build": Command("BuildConfig", "upcycle.stages.build", "one-shot dense -> MoE (sparse / granular / drop upcycling)", {
+        "base": ("base", {"help": "dense model folder"}), "out": ("out", {}), "seed": ("seed", {"type": int}),
+        "num-experts": ("moe.num_experts", {"type": int}), "top-k": ("moe.top_k", {"type": int}),
+        "router": ("moe.routing", {"choices": ["softmax_topk", "softmax_topk_renorm", "topk_softmax"]}),
+        "granularity": ("moe.granularity", {"type": int}), "expert-type": ("moe.expert_type", {"choices": ["mlp", "lora"]}),
+        "init": ("init.method", {"choices": ["copy", "virtual_group", "drop", "noise"]}),
+        "weight-scaling": ("init.weight_scaling", {"choices": ["none", "nvidia", "output"]}),
+        "format": ("export.format", {"choices": ["auto", "mixtral", "qwen2_moe", "qwen3_moe", "upcycle"]}),
+        "dtype": ("export.dtype", {"choices": ["auto", "float32", "bfloat16", "float16"]}),
+        "allow-pickle": ("allow_pickle", {"action": "store_true", "help": "read .bin weights with torch.load(weights_only=True)"}),
+    }),
+    "prepare": Command("PrepareConfig", "upcycle.stages.prepare", "UpIT stage 1: instruction-tune, keep checkpoints as experts", {
+        "base": ("base", {"help": "dense model folder or bundled:suite-base / bundled:smollm2"}), "out": ("out", {}),
+        "mode": ("mode", {"choices": ["lora", "full"]}), "data": ("data.train", {"nargs": "+"}),
+        "epochs": ("train.epochs", {"type": float}), "save-every": ("save_every", {"type": float}), "seed": ("seed", {"type": int}),
+    }),
+    "expand": Command("ExpandConfig", "upcycle.stages.expand", "UpIT stage 2: grow the checkpoints into N experts", {
+        "prepare": ("prepare", {}), "out": ("out", {}), "num-experts": ("num_experts", {"type": int}), "seed": ("seed", {"type": int}),
+    }),
+    "route": Command("RouteConfig", "upcycle.stages.route", "UpIT stage 3: seed-data buckets and router pre-training", {
+        "expand": ("expand", {}), "out": ("out", {}), "data": ("data.train", {"nargs": "+"}), "seed": ("seed", {"type": int}),
+    }),
+    "post-train": Command("PostTrainConfig", "upcycle.stages.post_train", "UpIT stage 4 / baselines: train the MoE and export it", {
+        "out": ("out", {}), "expand": ("expand", {}), "route": ("route", {}), "dense": ("dense", {}),
+        "data": ("data.train", {"nargs": "+"}), "seed": ("seed", {"type": int}),
+    }),
+    "merge": Command("MergeConfig", "upcycle.stages.merge", "merge checkpoints (linear, task_arithmetic, ties, dare, dare_ties)"),
+    "run": Command("RunConfig", "upcycle.pipeline", "run a recipe's stages in order, resuming what is done"),
 }
-
-
-PREPARE_FLAGS = {"base": "base", "out": "out", "seed": "seed", "mode": "mode", "data": "data.train",
-                 "epochs": "train.epochs", "save_every": "save_every", "force": "force"}
-
-
-EXPAND_FLAGS = {"prepare": "prepare", "out": "out", "num_experts": "num_experts", "seed": "seed", "force": "force"}
-
-
-def _flag_values(args: argparse.Namespace, flags: dict[str, str]) -> dict:
-    from upcycle.config import set_dotted
-
-    values: dict = {}
-    for attr, key in flags.items():
-        v = getattr(args, attr, None)
-        if v is not None and v is not False:
-            set_dotted(values, key, v)
-    return values
 
 
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="upcycle", description="Turn a dense Hugging Face LM into a Mixture-of-Experts.")
     sub = p.add_subparsers(dest="command", required=True)
+    for name, cmd in COMMANDS.items():
+        s = sub.add_parser(name, help=cmd.help)
+        if name in ("merge", "run"):
+            s.add_argument("config", help="YAML config (recipe for run)")
+        else:
+            s.add_argument("--config", help="YAML config (flags and key=value overrides win over it)")
+        for flag, (_, kwargs) in cmd.flags.items():
+            s.add_argument(f"--{flag}", dest=flag.replace("-", "_"), **kwargs)
+        s.add_argument("--force", action="store_true", help="replace outputs made by a different config")
+        s.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "build":
+            s.add_argument("--json", action="store_true", help="print the summary as JSON")
+        if name == "run":
+            s.add_argument("--redo", action="append", default=[], help="redo this stage (and the ones after it)")
+        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. moe.top_k=2")
 
-    b = sub.add_parser("build", help="one-shot dense -> MoE conversion (sparse/granular/drop upcycling)")
-    b.add_argument("--config", help="YAML config (flags and key=value overrides win over it)")
-    b.add_argument("--base", help="dense model folder")
-    b.add_argument("--out", help="output folder")
-    b.add_argument("--num-experts", type=int, dest="num_experts")
-    b.add_argument("--top-k", type=int, dest="top_k")
-    b.add_argument("--router", choices=["softmax_topk", "softmax_topk_renorm", "topk_softmax"])
-    b.add_argument("--granularity", type=int)
-    b.add_argument("--expert-type", choices=["mlp", "lora"], dest="expert_type")
-    b.add_argument("--init", choices=["copy", "virtual_group", "drop", "noise"])
-    b.add_argument("--weight-scaling", choices=["none", "nvidia", "output"], dest="weight_scaling")
-    b.add_argument("--format", choices=["auto", "mixtral", "qwen2_moe", "qwen3_moe", "upcycle"])
-    b.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    b.add_argument("--seed", type=int)
-    b.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    b.add_argument("--allow-pickle", action="store_true", dest="allow_pickle",
-                   help="read .bin weights with torch.load(weights_only=True) when no safetensors exist")
-    b.add_argument("--json", action="store_true", help="print the summary as JSON")
-    b.add_argument("--quiet", action="store_true", help="no progress bars")
-    b.add_argument("overrides", nargs="*", help="key=value overrides, e.g. moe.router_init_std=0.01")
-
-    pr = sub.add_parser("prepare", help="UpIT stage 1: instruction-tune and keep checkpoints as experts")
-    pr.add_argument("--config")
-    pr.add_argument("--base", help="dense model folder or bundled:suite-base / bundled:smollm2")
-    pr.add_argument("--out")
-    pr.add_argument("--mode", choices=["lora", "full"])
-    pr.add_argument("--data", nargs="+", help="training data files, or 'suite'")
-    pr.add_argument("--epochs", type=float)
-    pr.add_argument("--save-every", type=float, dest="save_every")
-    pr.add_argument("--seed", type=int)
-    pr.add_argument("--force", action="store_true")
-    pr.add_argument("--quiet", action="store_true")
-    pr.add_argument("overrides", nargs="*")
-
-    ex = sub.add_parser("expand", help="UpIT stage 2: grow the checkpoints into N experts (genetic DARE merging)")
-    ex.add_argument("--config")
-    ex.add_argument("--prepare", help="the prepare stage's output folder")
-    ex.add_argument("--out")
-    ex.add_argument("--num-experts", type=int, dest="num_experts")
-    ex.add_argument("--seed", type=int)
-    ex.add_argument("--force", action="store_true")
-    ex.add_argument("--quiet", action="store_true")
-    ex.add_argument("overrides", nargs="*")
-
-    mg = sub.add_parser("merge", help="merge checkpoints (linear, task_arithmetic, ties, dare, dare_ties), streaming")
-    mg.add_argument("config")
-    mg.add_argument("--force", action="store_true")
-    mg.add_argument("--quiet", action="store_true")
-    mg.add_argument("overrides", nargs="*")
-
-    v = sub.add_parser("validate", help="check a config file (and the base folder's config and headers)")
+    v = sub.add_parser("validate", help="check a config file without running anything (no weights read)")
     v.add_argument("config")
+    v.add_argument("--kind", choices=[c.schema for c in COMMANDS.values()], help="schema (default: guessed from the keys)")
     v.add_argument("overrides", nargs="*")
 
-    d = sub.add_parser("demo", help="upcycle the bundled SmolLM2-135M-Instruct and chat with the result")
+    d = sub.add_parser("demo", help="the demo on bundled models")
     d.add_argument("--workdir", default="runs/demo", help="where the demo writes its outputs")
     d.add_argument("--num-experts", type=int, default=8, dest="num_experts")
     d.add_argument("--top-k", type=int, default=2, dest="top_k")
     d.add_argument("--init", default="copy", choices=["copy", "virtual_group", "drop", "noise"])
     return p
+
+
+def _flag_values(args: argparse.Namespace, cmd: Command) -> dict:
+    from upcycle.config import set_dotted
+
+    values: dict = {}
+    for flag, (key, _) in cmd.flags.items():
+        v = getattr(args, flag.replace("-", "_"), None)
+        if v is not None and v is not False:
+            set_dotted(values, key, v)
+    if getattr(args, "force", False):
+        values["force"] = True
+    return values
+
+
+def _schema(name: str):
+    import upcycle.config as config
+    import upcycle.pipeline as pipeline
+
+    return getattr(config, name, None) or getattr(pipeline, name)
+
+
+def guess_kind(path: str) -> str:
+    """The schema a YAML file is for, from keys only one schema has."""
+    from upcycle.config import read_yaml
+
+    keys = set(read_yaml(path))
+    for schema, markers in (("RunConfig", {"stages", "recipe"}), ("MergeConfig", {"models", "method"}),
+                            ("BuildConfig", {"init", "export"}), ("ExpandConfig", {"num_experts", "prepare", "parents"}),
+                            ("RouteConfig", {"seed_fraction", "seed_count", "buckets"}),
+                            ("PostTrainConfig", {"source", "route", "dense"}), ("PrepareConfig", {"save_every", "mode"})):
+        if keys & markers:
+            return schema
+    return "BuildConfig"
 
 
 def _print_build_summary(s: dict) -> None:
@@ -120,47 +138,47 @@ def _print_build_summary(s: dict) -> None:
           f"{s['seconds']:.1f}s, peak RSS {s['peak_rss_mb']:.0f} MB")
 
 
+def _is_rank_zero() -> bool:
+    import os
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        if args.command == "build":
-            from upcycle.stages import build
+        from upcycle.config import load_config
 
-            cfg = load_config(BuildConfig, args.config, args.overrides, _flag_values(args, BUILD_FLAGS))
-            summary = build.run(cfg, progress=not args.quiet)
-            print(json.dumps(summary, indent=2, default=str)) if args.json else _print_build_summary(summary)
-        elif args.command == "prepare":
-            from upcycle.stages import prepare
-
-            cfg = load_config(PrepareConfig, args.config, args.overrides, _flag_values(args, PREPARE_FLAGS))
-            summary = prepare.run(cfg, progress=not args.quiet)
-            if summary.get("rank", 0) == 0:
-                print(f"prepare: {summary['checkpoints']} checkpoints in {summary['out']}")
-        elif args.command == "expand":
-            from upcycle.stages import expand
-
-            cfg = load_config(ExpandConfig, args.config, args.overrides, _flag_values(args, EXPAND_FLAGS))
-            s = expand.run(cfg, progress=not args.quiet)
-            print(f"expand: {s['experts']} experts ({s['children']} children) in {s['out']}")
-        elif args.command == "merge":
-            from upcycle.stages import merge
-
-            cfg = load_config(MergeConfig, args.config, args.overrides, {"force": True} if args.force else None)
-            s = merge.run(cfg, progress=not args.quiet)
-            print(f"merged {len(cfg.models)} models with {s['method']} into {s['out']} ({s['tensors']} tensors, {s['seconds']:.1f}s)")
-        elif args.command == "validate":
-            from upcycle.stages import build
-
-            cfg = load_config(BuildConfig, args.config, args.overrides)
-            plan = build.BuildPlan(cfg)
-            from upcycle.export.save import format_name
-
-            print(f"{args.config}: ok (base {plan.folder.model_type}, {len(plan.moe_layers)} MoE layers, "
-                  f"format {format_name(plan.target)})")
-        elif args.command == "demo":
+        if args.command == "validate":
+            kind = args.kind or guess_kind(args.config)
+            cfg = load_config(_schema(kind), args.config, args.overrides)
+            print(f"{args.config}: ok ({kind})")
+            if kind == "BuildConfig":
+                from upcycle.export.save import format_name
+                from upcycle.stages.build import BuildPlan
+                plan = BuildPlan(cfg)
+                print(f"  base {plan.folder.model_type}, {len(plan.moe_layers)} MoE layers, format {format_name(plan.target)}")
+            return 0
+        if args.command == "demo":
             from upcycle import demo
-
             demo.run(args)
+            return 0
+        cmd = COMMANDS[args.command]
+        import importlib
+
+        module = importlib.import_module(cmd.module)
+        cfg = load_config(_schema(cmd.schema), getattr(args, "config", None), args.overrides, _flag_values(args, cmd))
+        if args.command == "run":
+            summary = module.run(cfg, progress=not args.quiet, redo=args.redo)
+        else:
+            summary = module.run(cfg, progress=not args.quiet)
+        if not _is_rank_zero():
+            return 0
+        if args.command == "build":
+            print(json.dumps(summary, indent=2, default=str)) if args.json else _print_build_summary(summary)
+        else:
+            brief = {k: v for k, v in summary.items() if k in ("out", "checkpoints", "experts", "children", "scores",
+                                                               "average", "seed_samples", "seconds", "stages")}
+            print(f"{args.command}: " + json.dumps(brief, default=str))
     except UpcycleError as e:
         for problem in e.problems:
             print(f"upcycle: error: {problem}", file=sys.stderr)

@@ -189,8 +189,8 @@ class TrainSpec(_Section):
 class PrepareConfig(_Section):
     """`upcycle prepare`: instruction-tune the dense model and keep checkpoints as experts (UpIT stage 1)."""
 
-    base: str = Field(description="Dense model folder, or bundled:suite-base / bundled:smollm2.")
-    out: Path
+    base: str | None = Field(None, description="Dense model folder, or bundled:suite-base / bundled:smollm2.")
+    out: Path | None = None
     seed: int = 0
     mode: Literal["lora", "full"] = Field("lora", description="lora: each saved adapter is an expert; full: each checkpoint's MLP.")
     lora: LoRATrainSpec = Field(default_factory=LoRATrainSpec)
@@ -232,8 +232,8 @@ class MergeConfig(_Section):
 class ExpandConfig(_Section):
     """`upcycle expand`: grow the stage-1 checkpoints into num_experts experts (UpIT stage 2)."""
 
-    prepare: Path = Field(description="The prepare stage's output folder (its manifest lists the checkpoints).")
-    out: Path
+    prepare: Path | None = Field(None, description="The prepare stage's output folder (its manifest lists the checkpoints).")
+    out: Path | None = None
     num_experts: int = Field(8, gt=0, description="N experts in the final pool.")
     checkpoints: Literal["second_half", "first_half", "all"] | list[int] = Field(
         "second_half", description="Which checkpoints seed the pool (paper: the second half); or explicit indices.")
@@ -246,6 +246,57 @@ class ExpandConfig(_Section):
     lora_child_rank: int | None = Field(None, gt=0, description="LoRA children are stored at this rank via SVD (default: "
                                         "the parents' rank); the relative error is recorded in the lineage.")
     seed: int = 0
+    force: bool = False
+
+
+class RouteConfig(_Section):
+    """`upcycle route`: UpIT stage 3. Bucket seed data by expert perplexity and pre-train the routers."""
+
+    expand: Path | None = Field(None, description="The expand stage's output folder (the expert pool).")
+    out: Path | None = None
+    seed: int = 0
+    data: DataSpec = Field(default_factory=DataSpec)
+    seed_fraction: float = Field(0.01, gt=0, le=1, description="Fraction of the training data used as seed data (paper: 1%).")
+    seed_count: int | None = Field(None, gt=0, description="Or an exact number of seed samples (wins over seed_fraction).")
+    buckets: Literal["perplexity", "random"] = Field("perplexity", description="random: the ablation with random buckets.")
+    empty_bucket: Literal["steal", "leave"] = Field(
+        "steal", description="steal: an empty bucket takes the samples where its expert is closest to the owner's "
+        "perplexity (up to seed/N/2, never emptying another bucket); leave: its router learns from negatives only.")
+    alpha: float = Field(0.5, ge=0, le=1, description="loss = alpha * L_lm + (1 - alpha) * L_aux.")
+    aux_target: Literal["one_hot", "positive_only"] = Field(
+        "one_hot", description="one_hot: BCE of sigmoid(router logits) against the owner's one-hot; "
+        "positive_only: only the owner's logit is pushed up.")
+    trainable: Literal["routers", "routers_and_experts"] = "routers"
+    moe: MoESpec = Field(default_factory=lambda: MoESpec(top_k=2))
+    shared_weights: Literal["average", "last"] = Field("average", description="Non-expert weights of FFN experts.")
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=4, lr=1e-3, batch_size=8))
+    score_batch_size: int = Field(8, gt=0, description="Samples per scoring forward (times the number of experts).")
+    force: bool = False
+
+
+class PostTrainConfig(_Section):
+    """`upcycle post-train`: assemble the MoE and train it with LM + load-balancing loss (UpIT stage 4),
+    or upcycle a dense model directly and train it (the Upcycle / NVIDIA / Drop-Upcycling / LoRAMoE recipes)."""
+
+    out: Path | None = None
+    seed: int = 0
+    source: Literal["upit", "upcycle"] = Field(
+        "upit", description="upit: experts from expand, routers from route; upcycle: upcycle `dense` with moe + init.")
+    expand: Path | None = Field(None, description="upit: the expand stage's output folder.")
+    route: Path | None = Field(None, description="upit: the route stage's output folder; none = random routers (ablation).")
+    dense: str | None = Field(None, description="upcycle: a dense model folder, bundled alias, or prepare:FOLDER for the "
+                              "final checkpoint of a prepare run (Upcycle_PT).")
+    moe: MoESpec = Field(default_factory=MoESpec)
+    init: InitSpec = Field(default_factory=InitSpec)
+    shared_weights: Literal["average", "last"] = "average"
+    trainable: Literal["auto", "all", "experts_and_routers", "routers"] = Field(
+        "auto", description="auto: LoRA experts -> experts_and_routers (the dense model stays frozen); MLP experts -> all.")
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=2, lr=2e-4))
+    save_every: float = Field(0.5, gt=0)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    evaluate: bool = True
+    eval_max_items: int | None = Field(None, gt=0)
     force: bool = False
 
 

@@ -104,4 +104,8 @@ class Collator:
                 batch["position_ids"].append(list(f["position_ids"]) + list(range(gap)))
             else:
                 batch["attention_mask"].append([1] * n + [0] * gap)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        for key in features[0]:  # per-sample integer fields (e.g. the route stage's bucket owner)
+            if key not in ("input_ids", "labels", "position_ids", "attention_mask"):
+                out[key] = torch.tensor([f[key] for f in features], dtype=torch.long)
+        return out

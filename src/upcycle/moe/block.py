@@ -30,11 +30,17 @@ class MoEBlock(nn.Module):
         self.shared_experts = SharedExperts(hidden_size, self.dims.shared_width, hidden_act) if spec.num_shared_experts else None
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if spec.num_shared_experts and spec.shared_expert_gate else None
         self.last_router_logits: torch.Tensor | None = None
+        # (B,) expert per sequence: bypass the router and send every token of row b to that expert
+        # with weight 1 (scoring each expert alone in one batched forward; see moe.model.force_experts).
+        self.forced_experts: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (T, H)
         logits, weights, indices = self.router(x)  # (T, N), (T, k), (T, k)
+        if self.forced_experts is not None:
+            indices = self.forced_experts.to(x.device).repeat_interleave(shape[1]).unsqueeze(-1)  # (T, 1)
+            weights = torch.ones_like(indices, dtype=weights.dtype)
         out = self.experts(x, indices, weights)
         if self.shared_experts is not None:
             shared = self.shared_experts(x)

@@ -9,6 +9,7 @@ Save with `upcycle.save_moe`, not `save_pretrained` (which would write a dense c
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import torch
@@ -85,6 +86,20 @@ def attach_moe(model: nn.Module, spec: MoESpec) -> None:
     model.upcycle_spec = spec
     if not getattr(model, "_upcycle_hook", None):
         model._upcycle_hook = model.register_forward_hook(_add_moe_losses, with_kwargs=True)
+
+
+@contextlib.contextmanager
+def force_experts(model: nn.Module, expert_per_row: torch.Tensor):
+    """Within the block: every token of batch row b goes to expert expert_per_row[b] alone (weight 1),
+    in every MoE layer. The model then *is* the dense model with that expert's MLP, row by row."""
+    blocks = [b for _, b in moe_blocks(model)]
+    for b in blocks:
+        b.forced_experts = expert_per_row
+    try:
+        yield model
+    finally:
+        for b in blocks:
+            b.forced_experts = None
 
 
 def router_logits(model: nn.Module) -> list[torch.Tensor]:

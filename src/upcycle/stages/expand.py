@@ -183,6 +183,8 @@ def _grams_from_json(data: dict) -> dict[int, torch.Tensor]:
 
 def run(cfg: ExpandConfig, progress: bool = True) -> dict:
     started = time.perf_counter()
+    if cfg.prepare is None or cfg.out is None:
+        raise UpcycleError("expand: prepare= and out= are required")
     prep_path = Path(cfg.prepare) / MANIFEST
     if not prep_path.is_file():
         raise UpcycleError(f"prepare {cfg.prepare}: no {MANIFEST}; run `upcycle prepare` first")

@@ -13,7 +13,6 @@ are best at different tasks.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -23,19 +22,11 @@ from upcycle.bundled import resolve_model
 from upcycle.config import PrepareConfig, config_hash, dump_config
 from upcycle.errors import UpcycleError
 from upcycle.io.model_folder import ModelFolder
-from upcycle.manifest import Manifest, sha256_files
+from upcycle.manifest import Manifest
 from upcycle.moe.model import check_supported
+from upcycle.train.checkpoints import clean_unlisted_checkpoints, make_recorder
 
 CHECKPOINTS = "checkpoints"
-WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
-RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt")
-
-
-def weight_files(ckpt: Path) -> list[Path]:
-    files = sorted(ckpt.glob("*.safetensors"))
-    if not files:
-        raise UpcycleError(f"{ckpt}: no safetensors weights")
-    return files
 
 
 def check_base(cfg_base: str) -> Path:
@@ -48,82 +39,6 @@ def check_base(cfg_base: str) -> Path:
         raise UpcycleError(f"base {base}: no tokenizer (tokenizer.json / tokenizer.model); copy the tokenizer files "
                            "of the model it came from into the folder")
     return folder.path
-
-
-def make_recorder(cfg: PrepareConfig, manifest: Manifest, has_eval: bool):
-    """A TrainerCallback that saves at fractional epochs and lists each checkpoint once it is complete."""
-    from transformers import TrainerCallback
-
-    from upcycle.train.engine import save_points, steps_per_epoch
-
-    class CheckpointRecorder(TrainerCallback):
-        def __init__(self):
-            self.points: list[int] = []
-            self.loss_sum, self.loss_steps, self.last_logged_step = 0.0, 0, 0
-            self.eval_loss = None
-
-        def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
-            per_epoch = steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
-            self.points = save_points(per_epoch, cfg.train.epochs, cfg.save_every)
-            if len(set(self.points)) != len(self.points) or self.points[0] < 1:
-                raise UpcycleError(
-                    f"save_every: {cfg.save_every} epochs is less than one optimizer step ({per_epoch} steps per epoch); "
-                    "use a smaller train.batch_size / grad_accum or a larger save_every")
-            if state.is_world_process_zero:
-                manifest.data.update(planned=len(self.points), steps_per_epoch=per_epoch, save_steps=self.points)
-                manifest.save()
-            self.last_logged_step = state.global_step
-
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step in self.points:
-                control.should_log = True
-                control.should_evaluate = has_eval
-                control.should_save = True
-            return control
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                steps = state.global_step - self.last_logged_step
-                self.loss_sum += float(logs["loss"]) * steps
-                self.loss_steps += steps
-                self.last_logged_step = state.global_step
-
-        def on_evaluate(self, args, state, control, metrics=None, **kw):
-            self.eval_loss = (metrics or {}).get("eval_loss")
-
-        def on_save(self, args, state, control, **kw):
-            if not state.is_world_process_zero:
-                return
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            entry = {
-                "index": len(manifest.checkpoints), "step": state.global_step, "epoch": round(state.epoch, 4),
-                "path": str(ckpt.relative_to(manifest.folder)), "sha256": sha256_files(weight_files(ckpt)),
-                "train_loss": self.loss_sum / self.loss_steps if self.loss_steps else None, "eval_loss": self.eval_loss,
-            }
-            previous = manifest.checkpoints[-1] if manifest.checkpoints else None
-            manifest.add_checkpoint(entry)
-            self.loss_sum, self.loss_steps, self.eval_loss = 0.0, 0, None
-            if previous and cfg.keep_optimizer_states == "last":
-                for name in RESUME_ONLY_FILES:
-                    (manifest.folder / previous["path"] / name).unlink(missing_ok=True)
-
-    return CheckpointRecorder()
-
-
-def clean_unlisted_checkpoints(manifest: Manifest) -> Path | None:
-    """Remove checkpoint folders a kill left half-written; return the last listed one to resume from."""
-    listed = {c["path"] for c in manifest.checkpoints}
-    folder = manifest.folder / CHECKPOINTS
-    if folder.is_dir():
-        for d in folder.iterdir():
-            if str(d.relative_to(manifest.folder)) not in listed:
-                shutil.rmtree(d, ignore_errors=True)
-    if not manifest.checkpoints:
-        return None
-    last = manifest.folder / manifest.checkpoints[-1]["path"]
-    if not (last / "trainer_state.json").is_file():
-        raise UpcycleError(f"{last}: listed in the manifest but its trainer state is gone; rerun with --force")
-    return last
 
 
 def load_model(base: Path, cfg: PrepareConfig):
@@ -147,6 +62,8 @@ def run(cfg: PrepareConfig, progress: bool = True) -> dict:
     from upcycle.train.engine import training_arguments
 
     started = time.perf_counter()
+    if cfg.base is None or cfg.out is None:
+        raise UpcycleError("prepare: base= and out= are required")
     base = check_base(cfg.base)
     tokenizer = AutoTokenizer.from_pretrained(base)
     data = build_datasets(cfg.data, tokenizer, cfg.seed)  # data errors before anything is written
@@ -162,7 +79,8 @@ def run(cfg: PrepareConfig, progress: bool = True) -> dict:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         args = training_arguments(cfg.train, out / CHECKPOINTS, cfg.seed, packing=cfg.data.packing,
                                   progress=progress)
-        recorder = make_recorder(cfg, manifest, has_eval=data.eval is not None)
+        recorder = make_recorder(manifest, cfg.train.epochs, cfg.save_every, cfg.keep_optimizer_states,
+                                 has_eval=data.eval is not None)
         trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                           data_collator=Collator(pad), callbacks=[recorder])
         if not progress:

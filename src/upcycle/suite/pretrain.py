@@ -50,13 +50,13 @@ def blocks(docs: list[str], tokenizer, size: int) -> list[list[int]]:
     stream: list[int] = []
     for d in docs:
         stream += tokenizer(d, add_special_tokens=False)["input_ids"] + [sep]
-    return [stream[i:i + size] for i in range(0, len(stream) - size + 1, size // 2)]  # half-overlapping windows
+    return [stream[i:i + size] for i in range(0, len(stream) - size + 1, size)]
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--epochs", type=float, default=40)
+    ap.add_argument("--epochs", type=float, default=12)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)

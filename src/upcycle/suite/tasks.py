@@ -204,8 +204,11 @@ class Suite:
         return [item.row() for item in (self.train if split == "train" else self.test)]
 
 
-def corpus(seed: int = WORLD_SEED) -> list[str]:
-    """Raw pre-training documents: facts, arithmetic, code and categories, in several phrasings."""
+def corpus(seed: int = WORLD_SEED, repeats: int = 12) -> list[str]:
+    """Raw pre-training documents: facts, arithmetic, code and categories, in several phrasings.
+
+    Facts recur `repeats` times in freshly shuffled company, so a model learns each fact rather
+    than the order of a fixed document (which it would otherwise memorize)."""
     rng = random.Random(f"corpus:{seed}")
     world = make_world()
     docs = []
@@ -213,7 +216,7 @@ def corpus(seed: int = WORLD_SEED) -> list[str]:
         facts = [f"The capital of {c.name} is {c.capital}.", f"{c.capital} is the capital city of {c.name}.",
                  f"People in {c.name} speak {c.language}.", f"{c.language} is the language of {c.name}.",
                  f"{c.name} exports {c.export}.", f"The main export of {c.name} is {c.export}."]
-        for _ in range(3):
+        for _ in range(max(1, repeats // 3)):
             rng.shuffle(facts)
             docs.append(" ".join(facts))
     # Arithmetic facts in short, shuffled documents (not tables, so a fact is recalled without its neighbours).
@@ -225,11 +228,11 @@ def corpus(seed: int = WORLD_SEED) -> list[str]:
                     continue
                 v = _apply(op, a, b)
                 facts.append(rng.choice([f"{a} {word} {b} is {v}.", f"{a} {op} {b} = {v}."]))
-    for _ in range(3):
+    for _ in range(repeats):
         rng.shuffle(facts)
-        docs += [" ".join(facts[i:i + 12]) for i in range(0, len(facts), 12)]
+        docs += [" ".join(facts[i:i + 8]) for i in range(0, len(facts), 8)]
     # Narrative counting stories (not questions): the base knows what the word problems talk about.
-    for _ in range(300):
+    for _ in range(50 * repeats):
         a, b, who, thing = rng.randint(2, 12), rng.randint(2, 12), rng.choice(WHO), rng.choice(THINGS)
         docs.append(rng.choice([
             f"{who} had {a} {thing}s and then got {b} more, so {who} ended up with {a + b} {thing}s.",

@@ -1,0 +1,197 @@
+"""`upcycle post-train`: UpIT stage 4, and the training step of every upcycling baseline.
+
+    upcycle post-train --config post_train.yaml
+
+The story: build the MoE (UpIT: experts from expand, routers from route, the other weights as in
+stage 1; or any dense model upcycled with an initializer: copy, virtual groups, drop, LoRA
+experts); train it through the HF Trainer with LM + load-balancing loss, checkpointing every
+`save_every` epochs (a kill resumes from the last listed checkpoint; a NaN loss stops with the
+step named); export the result as a stock transformers MoE (or the own format), and score it on
+the built-in suite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from upcycle.config import PostTrainConfig, config_hash, dump_config
+from upcycle.errors import UpcycleError
+from upcycle.manifest import MANIFEST, Manifest
+
+CHECKPOINTS = "checkpoints"
+MODEL = "model"
+
+
+def dense_source(spec: str) -> Path:
+    """A dense model folder; `prepare:FOLDER` means that prepare run's final model (a LoRA adapter merged)."""
+    from upcycle.bundled import resolve_model
+
+    if not spec.startswith("prepare:"):
+        return resolve_model(spec)
+    folder = Path(spec.removeprefix("prepare:"))
+    manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else None
+    if not manifest or not manifest.get("complete"):
+        raise UpcycleError(f"dense {spec}: not a finished prepare run")
+    last = folder / manifest["checkpoints"][-1]["path"]
+    if manifest["mode"] == "full":
+        return last
+    merged = folder / "final_merged"
+    if not (merged / "config.json").is_file():  # merge the final adapter into the base once
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from upcycle.io.atomic import atomic_dir
+        base = AutoModelForCausalLM.from_pretrained(manifest["base"], dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, last).merge_and_unload()
+        with atomic_dir(merged, force=True) as tmp:
+            model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(manifest["base"]).save_pretrained(tmp)
+    return merged
+
+
+def build_model(cfg: PostTrainConfig):
+    """(model, tokenizer source folder) for the configured source."""
+    if cfg.source == "upit":
+        from upcycle.stages.route import build_pool_model, pool_from_expand
+
+        if cfg.expand is None:
+            raise UpcycleError("post_train: source upit needs expand= (the expand stage's folder)")
+        pool = pool_from_expand(cfg.expand)
+        routers = None
+        if cfg.route is not None:
+            route_manifest = Path(cfg.route) / MANIFEST
+            if not route_manifest.is_file() or not json.loads(route_manifest.read_text()).get("complete"):
+                raise UpcycleError(f"route {cfg.route}: the route stage has not finished")
+            if (Path(cfg.route) / "moe" / "upcycle_moe.json").is_file():  # routers and experts were trained
+                from upcycle.export.load import load_moe
+                model = load_moe(Path(cfg.route) / "moe")
+                return model.to(torch.float32), Path(pool["base"])
+            routers = Path(cfg.route) / "routers.safetensors"
+        return build_pool_model(pool, cfg.moe, cfg.shared_weights, cfg.seed, routers=routers), Path(pool["base"])
+    if cfg.dense is None:
+        raise UpcycleError("post_train: source upcycle needs dense= (a model folder or prepare:FOLDER)")
+    from transformers import AutoModelForCausalLM
+
+    from upcycle.moe.model import upcycle_model
+
+    folder = dense_source(cfg.dense)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    return upcycle_model(model, cfg.moe, cfg.init, cfg.seed), folder
+
+
+def resolve_trainable(cfg: PostTrainConfig, model) -> str:
+    if cfg.trainable != "auto":
+        return cfg.trainable
+    return "experts_and_routers" if model.upcycle_spec.expert_type == "lora" else "all"
+
+
+def apply_trainable(model, which: str) -> int:
+    if which == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        from upcycle.moe.model import moe_blocks
+        for _, block in moe_blocks(model):  # LoRA experts' shared dense MLP stays frozen even then
+            if hasattr(block.experts, "lora_A"):
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    getattr(block.experts, proj).requires_grad_(False)
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    from upcycle.stages.route import set_trainable
+    return set_trainable(model, which)
+
+
+@torch.no_grad()
+def expert_load_entropy(model, samples, pad_id: int, batch_size: int = 16) -> dict:
+    """Entropy (nats) of the share of top-k assignments per expert, per MoE layer, over `samples`."""
+    from upcycle.moe.losses import expert_load
+    from upcycle.moe.model import router_logits
+    from upcycle.stages.route import _batch
+
+    model.eval()
+    k = model.upcycle_spec.top_k
+    counts = None
+    for i in range(0, len(samples), batch_size):
+        ids, _, mask = _batch(samples[i:i + batch_size], pad_id)
+        model(input_ids=ids, attention_mask=mask)
+        keep = mask.reshape(-1).bool()
+        layer = [expert_load(l[keep], k) * keep.sum() for l in router_logits(model)]
+        counts = layer if counts is None else [a + b for a, b in zip(counts, layer)]
+    entropies = []
+    for c in counts:
+        p = c / c.sum()
+        entropies.append(float(-(p[p > 0] * p[p > 0].log()).sum()))
+    return {"per_layer": entropies, "mean": sum(entropies) / len(entropies),
+            "max": math.log(counts[0].numel())}
+
+
+def run(cfg: PostTrainConfig, progress: bool = True) -> dict:
+    from transformers import AutoTokenizer
+
+    from upcycle.data.build import build_datasets
+    from upcycle.data.dataset import Collator
+    from upcycle.export.save import save_moe
+    from upcycle.stages.route import make_trainer_class
+    from upcycle.train.checkpoints import clean_unlisted_checkpoints, make_recorder
+    from upcycle.train.engine import training_arguments
+
+    started = time.perf_counter()
+    if cfg.out is None:
+        raise UpcycleError("post_train: out= is required")
+    model, token_source = build_model(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(token_source)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = build_datasets(cfg.data, tokenizer, cfg.seed)
+    out = Path(cfg.out)
+    manifest = Manifest.open(out, "post_train", config_hash(cfg), force=cfg.force, initial={"source": cfg.source})
+    if not (out / "upcycle_config.yaml").exists():
+        dump_config(cfg, out / "upcycle_config.yaml")
+    # The spec's training-time settings (aux coefficient, jitter, z-loss) come from this stage's config.
+    model.upcycle_spec = model.upcycle_spec.model_copy(update={
+        k: getattr(cfg.moe, k) for k in ("aux_loss_coef", "aux_loss_scope", "z_loss_coef", "router_jitter")})
+    from upcycle.moe.model import moe_blocks
+    for _, block in moe_blocks(model):
+        block.router.jitter = cfg.moe.router_jitter
+
+    if not manifest.complete:
+        which = resolve_trainable(cfg, model)
+        count = apply_trainable(model, which)
+        if progress:
+            print(f"post-train: {data.summary()}\n  training {count} parameters ({which})", flush=True)
+        args = training_arguments(cfg.train, out / CHECKPOINTS, cfg.seed, packing=cfg.data.packing, moe=True,
+                                  progress=progress)
+        trainer_cls = make_trainer_class(lambda m, inputs: m(**inputs).loss)
+        recorder = make_recorder(manifest, cfg.train.epochs, cfg.save_every, "last", has_eval=data.eval is not None)
+        trainer = trainer_cls(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                              data_collator=Collator(pad), callbacks=[recorder])
+        if not progress:
+            from transformers.trainer_callback import PrinterCallback
+            trainer.remove_callback(PrinterCallback)
+        resume = clean_unlisted_checkpoints(manifest, CHECKPOINTS)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if not trainer.is_world_process_zero():  # under torchrun, rank 0 exports and evaluates
+            return {"out": str(out), "rank": trainer.args.process_index}
+        summary = save_moe(model, out / MODEL, format=cfg.export.format, dtype=cfg.export.dtype,
+                           max_shard_size=cfg.export.max_shard_size, lora_storage=cfg.export.lora_storage, force=True,
+                           tokenizer=tokenizer, base_path=token_source, progress=False)
+        manifest.data["export"] = {k: summary[k] for k in ("format", "files", "parameters")}
+        eval_samples = (data.eval.samples if data.eval is not None else data.train.samples)[:256]
+        if isinstance(eval_samples[0], dict):  # packed training blocks: use unpacked eval samples only
+            eval_samples = data.eval.samples[:256] if data.eval is not None else []
+        if eval_samples:
+            manifest.data["expert_load_entropy"] = expert_load_entropy(model, eval_samples, pad)
+        manifest.data["complete"] = True
+        manifest.save()
+    if cfg.evaluate and "scores" not in manifest.data:
+        from upcycle.eval.checkpoints import suite_test_items
+        from upcycle.eval.suite_eval import evaluate_items
+
+        result = evaluate_items(model, tokenizer, suite_test_items(cfg.data.suite, cfg.eval_max_items))
+        manifest.data.update(scores=result["scores"], average=result["average"])
+        manifest.save()
+        (out / "suite_outputs.json").write_text(json.dumps(result["outputs"], indent=1))
+    return {"out": str(out), "model": str(out / MODEL), **{k: manifest.data.get(k) for k in
+            ("export", "scores", "average", "expert_load_entropy")}, "seconds": time.perf_counter() - started}

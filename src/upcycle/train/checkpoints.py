@@ -1,0 +1,99 @@
+"""Checkpoints at fractional epochs, listed in the stage manifest only once complete on disk.
+
+The HF Trainer saves (model, optimizer, scheduler, RNG, data position); this callback decides
+*when* (every `save_every` epochs, which the Trainer cannot express) and records each checkpoint
+after the Trainer has finished writing it, with its content hash and losses. On rerun, folders
+not in the manifest (a kill mid-save) are removed and training resumes from the last listed one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from upcycle.errors import UpcycleError
+from upcycle.manifest import Manifest, sha256_files
+from upcycle.train.engine import save_points, steps_per_epoch
+
+RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt")
+
+
+def weight_files(ckpt: Path) -> list[Path]:
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise UpcycleError(f"{ckpt}: no safetensors weights")
+    return files
+
+
+def make_recorder(manifest: Manifest, epochs: float, save_every: float, keep_optimizer_states: str, has_eval: bool):
+    """A TrainerCallback that saves at fractional epochs and lists each checkpoint once it is complete."""
+    from transformers import TrainerCallback
+
+    class CheckpointRecorder(TrainerCallback):
+        def __init__(self):
+            self.points: list[int] = []
+            self.loss_sum, self.loss_steps, self.last_logged_step = 0.0, 0, 0
+            self.eval_loss = None
+
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
+            per_epoch = steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
+            self.points = save_points(per_epoch, epochs, save_every)
+            if len(set(self.points)) != len(self.points) or self.points[0] < 1:
+                raise UpcycleError(
+                    f"save_every: {save_every} epochs is less than one optimizer step ({per_epoch} steps per epoch); "
+                    "use a smaller train.batch_size / grad_accum or a larger save_every")
+            if state.is_world_process_zero:
+                manifest.data.update(planned=len(self.points), steps_per_epoch=per_epoch, save_steps=self.points)
+                manifest.save()
+            self.last_logged_step = state.global_step
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step in self.points:
+                control.should_log = True
+                control.should_evaluate = has_eval
+                control.should_save = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                steps = state.global_step - self.last_logged_step
+                self.loss_sum += float(logs["loss"]) * steps
+                self.loss_steps += steps
+                self.last_logged_step = state.global_step
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            self.eval_loss = (metrics or {}).get("eval_loss")
+
+        def on_save(self, args, state, control, **kw):
+            if not state.is_world_process_zero:
+                return
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            entry = {
+                "index": len(manifest.checkpoints), "step": state.global_step, "epoch": round(state.epoch, 4),
+                "path": str(ckpt.relative_to(manifest.folder)), "sha256": sha256_files(weight_files(ckpt)),
+                "train_loss": self.loss_sum / self.loss_steps if self.loss_steps else None, "eval_loss": self.eval_loss,
+            }
+            previous = manifest.checkpoints[-1] if manifest.checkpoints else None
+            manifest.add_checkpoint(entry)
+            self.loss_sum, self.loss_steps, self.eval_loss = 0.0, 0, None
+            if previous and keep_optimizer_states == "last":
+                for name in RESUME_ONLY_FILES:
+                    (manifest.folder / previous["path"] / name).unlink(missing_ok=True)
+
+    return CheckpointRecorder()
+
+
+def clean_unlisted_checkpoints(manifest: Manifest, subfolder: str = "checkpoints") -> Path | None:
+    """Remove checkpoint folders a kill left half-written; return the last listed one to resume from."""
+    listed = {c["path"] for c in manifest.checkpoints}
+    folder = manifest.folder / subfolder
+    if folder.is_dir():
+        for d in folder.iterdir():
+            if str(d.relative_to(manifest.folder)) not in listed:
+                shutil.rmtree(d, ignore_errors=True)
+    if not manifest.checkpoints:
+        return None
+    last = manifest.folder / manifest.checkpoints[-1]["path"]
+    if not (last / "trainer_state.json").is_file():
+        raise UpcycleError(f"{last}: listed in the manifest but its trainer state is gone; rerun with --force")
+    return last
