@@ -144,7 +144,14 @@ def _is_rank_zero() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    # key=value overrides may come anywhere, also after flags (argparse would stop collecting them).
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + [x for x in extra if x not in stray]
     try:
         from upcycle.config import load_config
 

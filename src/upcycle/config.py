@@ -391,7 +391,8 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
+    """A YAML mapping; `extends: other.yaml` (relative to this file) is loaded first and overridden."""
     path = Path(path)
     if not path.is_file():
         raise UpcycleError(f"{path}: config file not found")
@@ -401,6 +402,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UpcycleError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UpcycleError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is not None:
+        parent_path = (path.parent / parent).resolve()
+        if parent_path in _seen:
+            raise UpcycleError(f"{path}: extends {parent} makes a cycle")
+        data = deep_merge(read_yaml(parent_path, _seen + (parent_path,)), data)
     return data
 
 

@@ -27,19 +27,21 @@ CHECKPOINTS = "checkpoints"
 MODEL = "model"
 
 
-def dense_source(spec: str) -> Path:
-    """A dense model folder; `prepare:FOLDER` means that prepare run's final model (a LoRA adapter merged)."""
+def dense_source(spec: str) -> tuple[Path, Path]:
+    """(model folder, tokenizer folder); `prepare:FOLDER` means that prepare run's final model (a LoRA
+    adapter merged into its base), whose tokenizer is the base's."""
     from upcycle.bundled import resolve_model
 
     if not spec.startswith("prepare:"):
-        return resolve_model(spec)
+        folder = resolve_model(spec)
+        return folder, folder
     folder = Path(spec.removeprefix("prepare:"))
     manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else None
     if not manifest or not manifest.get("complete"):
         raise UpcycleError(f"dense {spec}: not a finished prepare run")
     last = folder / manifest["checkpoints"][-1]["path"]
     if manifest["mode"] == "full":
-        return last
+        return last, Path(manifest["base"])
     merged = folder / "final_merged"
     if not (merged / "config.json").is_file():  # merge the final adapter into the base once
         from peft import PeftModel
@@ -51,7 +53,7 @@ def dense_source(spec: str) -> Path:
         with atomic_dir(merged, force=True) as tmp:
             model.save_pretrained(tmp)
             AutoTokenizer.from_pretrained(manifest["base"]).save_pretrained(tmp)
-    return merged
+    return merged, merged
 
 
 def build_model(cfg: PostTrainConfig):
@@ -79,9 +81,9 @@ def build_model(cfg: PostTrainConfig):
 
     from upcycle.moe.model import upcycle_model
 
-    folder = dense_source(cfg.dense)
+    folder, tokenizer_folder = dense_source(cfg.dense)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
-    return upcycle_model(model, cfg.moe, cfg.init, cfg.seed), folder
+    return upcycle_model(model, cfg.moe, cfg.init, cfg.seed), tokenizer_folder
 
 
 def resolve_trainable(cfg: PostTrainConfig, model) -> str:
