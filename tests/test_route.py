@@ -61,6 +61,25 @@ def test_samples_go_to_the_expert_that_is_best_on_them(specialists, tmp_path):
         assert (tmp_path / "r" / f).stat().st_size > 0
 
 
+def test_post_training_loads_exactly_the_trained_routers(specialists, tmp_path):
+    from safetensors.torch import load_file
+
+    from upcycle.config import PostTrainConfig
+    from upcycle.moe.model import moe_blocks
+    from upcycle.stages import post_train
+
+    pool, mixed = specialists
+    route.run(route_cfg(pool, mixed, tmp_path / "r", **{"train.epochs": 1}), progress=False)
+    trained = load_file(tmp_path / "r" / "routers.safetensors")
+    cfg = load_config(PostTrainConfig, None, [f"out={tmp_path / 'p'}", f"expand={pool}", f"route={tmp_path / 'r'}",
+                                              "moe.num_experts=2", "moe.top_k=1"])
+    model, _ = post_train.build_model(cfg)
+    blocks = dict(moe_blocks(model))
+    assert set(trained) == {f"model.layers.{l}.mlp.router.weight" for l in blocks}
+    for l, block in blocks.items():
+        assert torch.equal(block.router.weight, trained[f"model.layers.{l}.mlp.router.weight"])
+
+
 def test_batched_scoring_equals_scoring_each_expert_alone(specialists):
     from transformers import AutoTokenizer
 

@@ -44,18 +44,18 @@ COMMANDS: dict[str, Command] = {
     }),
     "prepare": Command("PrepareConfig", "upcycle.stages.prepare", "UpIT stage 1: instruction-tune, keep checkpoints as experts", {
         "base": ("base", {"help": "dense model folder or bundled:suite-base / bundled:smollm2"}), "out": ("out", {}),
-        "mode": ("mode", {"choices": ["lora", "full"]}), "data": ("data.train", {"nargs": "+"}),
+        "mode": ("mode", {"choices": ["lora", "full"]}), "data": ("data.train", {"action": "append", "help": "training data file (repeat for several), or suite"}),
         "epochs": ("train.epochs", {"type": float}), "save-every": ("save_every", {"type": float}), "seed": ("seed", {"type": int}),
     }),
     "expand": Command("ExpandConfig", "upcycle.stages.expand", "UpIT stage 2: grow the checkpoints into N experts", {
         "prepare": ("prepare", {}), "out": ("out", {}), "num-experts": ("num_experts", {"type": int}), "seed": ("seed", {"type": int}),
     }),
     "route": Command("RouteConfig", "upcycle.stages.route", "UpIT stage 3: seed-data buckets and router pre-training", {
-        "expand": ("expand", {}), "out": ("out", {}), "data": ("data.train", {"nargs": "+"}), "seed": ("seed", {"type": int}),
+        "expand": ("expand", {}), "out": ("out", {}), "data": ("data.train", {"action": "append", "help": "training data file (repeat for several), or suite"}), "seed": ("seed", {"type": int}),
     }),
     "post-train": Command("PostTrainConfig", "upcycle.stages.post_train", "UpIT stage 4 / baselines: train the MoE and export it", {
         "out": ("out", {}), "expand": ("expand", {}), "route": ("route", {}), "dense": ("dense", {}),
-        "data": ("data.train", {"nargs": "+"}), "seed": ("seed", {"type": int}),
+        "data": ("data.train", {"action": "append", "help": "training data file (repeat for several), or suite"}), "seed": ("seed", {"type": int}),
     }),
     "merge": Command("MergeConfig", "upcycle.stages.merge", "merge checkpoints (linear, task_arithmetic, ties, dare, dare_ties)"),
     "run": Command("RunConfig", "upcycle.pipeline", "run a recipe's stages in order, resuming what is done"),

@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from upcycle.architectures import dense_architecture
 from upcycle.config import InitSpec, MoESpec
@@ -127,9 +128,10 @@ def _add_moe_losses(module, args, kwargs, output):
     if mask is not None and (mask.dim() != 2 or mask.numel() != logits[0].shape[0]):
         mask = None  # generation with a cache: the mask covers past tokens too
     losses = moe_aux_losses(module, mask)
-    output["aux_loss"] = losses["aux_loss"]
-    output["router_logits"] = tuple(logits)
-    if module.training and getattr(output, "loss", None) is not None:
+    loss = getattr(output, "loss", None)
+    if module.training and loss is not None:
         spec = module.upcycle_spec
-        output["loss"] = output.loss + spec.aux_loss_coef * losses["aux_loss"] + spec.z_loss_coef * losses["z_loss"]
-    return output
+        loss = loss + spec.aux_loss_coef * losses["aux_loss"] + spec.z_loss_coef * losses["z_loss"]
+    # The stock MoE output type (as Mixtral returns), so DDP and other output-rebuilding wrappers work.
+    fields = {k: v for k, v in output.items() if k in ("logits", "cache", "hidden_states", "attentions")}
+    return MoeCausalLMOutputWithPast(loss=loss, aux_loss=losses["aux_loss"], router_logits=tuple(logits), **fields)

@@ -130,7 +130,8 @@ def expert_load_entropy(model, samples, pad_id: int, batch_size: int = 16) -> di
             "max": math.log(counts[0].numel())}
 
 
-def run(cfg: PostTrainConfig, progress: bool = True) -> dict:
+def run(cfg: PostTrainConfig, progress: bool = True, callbacks: list | None = None) -> dict:
+    """Train and export; `callbacks` are extra transformers TrainerCallbacks (logging, custom stops)."""
     from transformers import AutoTokenizer
 
     from upcycle.data.build import build_datasets
@@ -168,7 +169,7 @@ def run(cfg: PostTrainConfig, progress: bool = True) -> dict:
         trainer_cls = make_trainer_class(lambda m, inputs: m(**inputs).loss)
         recorder = make_recorder(manifest, cfg.train.epochs, cfg.save_every, "last", has_eval=data.eval is not None)
         trainer = trainer_cls(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                              data_collator=Collator(pad), callbacks=[recorder])
+                              data_collator=Collator(pad), callbacks=[recorder, *(callbacks or [])])
         if not progress:
             from transformers.trainer_callback import PrinterCallback
             trainer.remove_callback(PrinterCallback)

@@ -189,7 +189,7 @@ def make_trainer_class(loss_fn):
     class LossTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = loss_fn(model, dict(inputs))
-            if not torch.isfinite(loss):
+            if model.training and not torch.isfinite(loss):  # an eval NaN is only reported (eval_loss)
                 raise UpcycleError(f"loss is {loss.item()} at step {self.state.global_step + 1}; training stopped. "
                                    "The last listed checkpoint is kept: lower train.lr or check the data, then rerun to resume")
             return (loss, {"loss": loss}) if return_outputs else loss

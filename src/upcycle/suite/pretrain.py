@@ -56,7 +56,7 @@ def blocks(docs: list[str], tokenizer, size: int) -> list[list[int]]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--epochs", type=float, default=12)
+    ap.add_argument("--epochs", type=float, default=24)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     config = LlamaConfig(**MODEL, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)
-    train = TrainSpec(epochs=args.epochs, lr=2e-3, scheduler="cosine", warmup_ratio=0.02, batch_size=16, logging_steps=50)
+    train = TrainSpec(epochs=args.epochs, lr=2e-3, scheduler="cosine", warmup_ratio=0.02, batch_size=8, logging_steps=50)
     out = Path(args.out)
     dataset = [{"input_ids": b, "labels": b} for b in data]
 

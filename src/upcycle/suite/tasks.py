@@ -101,8 +101,8 @@ def _apply(op: str, a: int, b: int) -> int:
 def math_candidates() -> list[tuple]:
     out = []
     for ti, (op, _) in enumerate(MATH_TEMPLATES):
-        for a in range(2, 13):
-            for b in range(2, 13):
+        for a in range(2, 10):
+            for b in range(2, 10):
                 if op == "-" and b >= a:
                     continue
                 out.append((ti, a, b))
@@ -222,8 +222,8 @@ def corpus(seed: int = WORLD_SEED, repeats: int = 12) -> list[str]:
     # Arithmetic facts in short, shuffled documents (not tables, so a fact is recalled without its neighbours).
     facts = []
     for op, word in (("+", "plus"), ("-", "minus"), ("*", "times")):
-        for a in range(0, 16):
-            for b in range(0, 16):
+        for a in range(0, 10):
+            for b in range(0, 10):
                 if op == "-" and b > a:
                     continue
                 v = _apply(op, a, b)
@@ -233,7 +233,7 @@ def corpus(seed: int = WORLD_SEED, repeats: int = 12) -> list[str]:
         docs += [" ".join(facts[i:i + 8]) for i in range(0, len(facts), 8)]
     # Narrative counting stories (not questions): the base knows what the word problems talk about.
     for _ in range(50 * repeats):
-        a, b, who, thing = rng.randint(2, 12), rng.randint(2, 12), rng.choice(WHO), rng.choice(THINGS)
+        a, b, who, thing = rng.randint(2, 9), rng.randint(2, 9), rng.choice(WHO), rng.choice(THINGS)
         docs.append(rng.choice([
             f"{who} had {a} {thing}s and then got {b} more, so {who} ended up with {a + b} {thing}s.",
             f"{who} had {max(a, b)} {thing}s and gave {min(a, b)} away, which left {max(a, b) - min(a, b)}.",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+
 from upcycle.errors import UpcycleError
 from upcycle.manifest import Manifest, sha256_files
 from upcycle.train.engine import save_points, steps_per_epoch
@@ -64,10 +66,15 @@ def make_recorder(manifest: Manifest, epochs: float, save_every: float, keep_opt
         def on_evaluate(self, args, state, control, metrics=None, **kw):
             self.eval_loss = (metrics or {}).get("eval_loss")
 
-        def on_save(self, args, state, control, **kw):
+        def on_save(self, args, state, control, model=None, **kw):
             if not state.is_world_process_zero:
                 return
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if model is not None and not all(torch.isfinite(p).all() for p in model.parameters() if p.is_floating_point()):
+                shutil.rmtree(ckpt, ignore_errors=True)  # never list weights one cannot resume from
+                last = manifest.checkpoints[-1]["path"] if manifest.checkpoints else "none"
+                raise UpcycleError(f"weights are not finite after step {state.global_step}; training stopped. "
+                                   f"Last good checkpoint: {last}. Lower train.lr or check the data, then rerun to resume")
             entry = {
                 "index": len(manifest.checkpoints), "step": state.global_step, "epoch": round(state.epoch, 4),
                 "path": str(ckpt.relative_to(manifest.folder)), "sha256": sha256_files(weight_files(ckpt)),
