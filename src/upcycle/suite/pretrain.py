@@ -1,7 +1,7 @@
 """Pre-train the suite's small Llama base on the suite's raw-text corpus, so UpIT starts from a model
 that knows the world's facts, arithmetic and some Python, but has never seen an instruction.
 
-    python -m upcycle.suite.pretrain --out src/upcycle/suite/base     # ~10 min on 2 CPU cores
+    python -m upcycle.suite.pretrain --out src/upcycle/suite/base     # ~25 min on 2 CPU cores
 
 The result is committed to the repository (a few MB) and loaded by `bundled:suite-base`; this
 script is how it was made. Same seed, same machine type: same weights.
@@ -56,7 +56,7 @@ def blocks(docs: list[str], tokenizer, size: int) -> list[list[int]]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--epochs", type=float, default=24)
+    ap.add_argument("--epochs", type=float, default=60)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)

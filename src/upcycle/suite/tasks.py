@@ -118,10 +118,13 @@ def math_item(ti: int, a: int, b: int, rng: random.Random) -> Item:
 
 # ------------------------------------------------------------------------------ knowledge
 
+# Cloze questions in the phrasing of the pre-training corpus: they test whether instruction tuning
+# lets the model bring out what it read (held-out facts), not whether it can re-phrase knowledge,
+# which a model of a few million parameters does not learn from two phrasings per fact.
 RELATIONS = {
-    "capital": ("What is the capital of {c}?", lambda c: c.capital),
-    "language": ("Which language is spoken in {c}?", lambda c: c.language),
-    "export": ("What does {c} export?", lambda c: c.export),
+    "capital": ("Fill in the blank: The capital of {c} is ___.", lambda c: c.capital),
+    "language": ("Fill in the blank: People in {c} speak ___.", lambda c: c.language),
+    "export": ("Fill in the blank: {c} exports ___.", lambda c: c.export),
 }
 
 
