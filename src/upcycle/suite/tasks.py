@@ -122,9 +122,9 @@ def math_item(ti: int, a: int, b: int, rng: random.Random) -> Item:
 # lets the model bring out what it read (held-out facts), not whether it can re-phrase knowledge,
 # which a model of a few million parameters does not learn from two phrasings per fact.
 RELATIONS = {
-    "capital": ("Fill in the blank: The capital of {c} is ___.", lambda c: c.capital),
-    "language": ("Fill in the blank: People in {c} speak ___.", lambda c: c.language),
-    "export": ("Fill in the blank: {c} exports ___.", lambda c: c.export),
+    "capital": ("Complete the sentence: The capital of {c} is", lambda c: c.capital),
+    "language": ("Complete the sentence: People in {c} speak", lambda c: c.language),
+    "export": ("Complete the sentence: {c} exports", lambda c: c.export),
 }
 
 
