@@ -109,6 +109,26 @@ class SafetensorsReader:
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
 
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and RSS creeps up over a
+    long stream of tensor-sized allocations). A no-op where malloc_trim does not exist."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 # ---------------------------------------------------------------------------------- writing
 
 

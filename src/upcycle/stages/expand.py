@@ -30,7 +30,7 @@ from upcycle.errors import UpcycleError
 from upcycle.experts import FFNExpert, Key, LoRAExpert, ffn_name, lora_factors_from_delta, open_expert
 from upcycle.io.atomic import atomic_dir
 from upcycle.io.model_folder import ModelFolder
-from upcycle.io.safetensors_io import PlannedTensor, ShardedWriter
+from upcycle.io.safetensors_io import PlannedTensor, ShardedWriter, release_memory
 from upcycle.manifest import MANIFEST, Manifest, sha256_files
 from upcycle.merge import ops
 from upcycle.seeding import generator
@@ -92,6 +92,8 @@ def gram_matrices(experts: list, keys: list[Key], base_reader, progress: bool) -
         t = taus(experts, key, base_reader.get(ffn_name(key)).float()).double()
         grams.setdefault(key[0], torch.zeros(n, n, dtype=torch.float64))
         grams[key[0]] += t @ t.T
+        del t
+        release_memory()
     return grams
 
 
@@ -158,6 +160,8 @@ def write_child(folder: Path, experts: list, keys: list[Key], base_reader, paren
             errors.append(err)
         row = torch.cat([pool, stored[None]]).double() @ stored.double()  # (n + 1,)
         rows[key[0]] = rows.get(key[0], torch.zeros(n + 1, dtype=torch.float64)) + row
+        del pool, child, stored
+        release_memory()
     writer.close()
     notes = {}
     if kind == "lora":

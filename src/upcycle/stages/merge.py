@@ -27,6 +27,7 @@ from upcycle.export.plan import PlanEntry, write_plan
 from upcycle.export.save import TORCH_DTYPES
 from upcycle.io.atomic import atomic_dir, check_output_dir
 from upcycle.io.model_folder import ModelFolder
+from upcycle.io.safetensors_io import release_memory
 from upcycle.merge.methods import METHODS, MergeParams, merge_tensor
 from upcycle.seeding import generator
 
@@ -71,7 +72,10 @@ def run(cfg: MergeConfig, progress: bool = True) -> dict:
         if not tensors[0].dtype.is_floating_point:  # integer buffers are copied, not merged
             return (base if base is not None else tensors[0])
         gens = [generator(cfg.seed, "merge", name, i) for i in range(len(tensors))]
-        return merge_tensor(method, base, tensors, params, gens)
+        merged = merge_tensor(method, base, tensors, params, gens)
+        del tensors, base
+        release_memory()
+        return merged
 
     with atomic_dir(cfg.out, force=cfg.force) as tmp:
         files = write_plan(plan, tmp, parse_size(cfg.max_shard_size), provider, progress=progress, desc=f"merging ({cfg.method})")
