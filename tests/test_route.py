@@ -142,3 +142,40 @@ def test_seed_fraction_that_gives_no_samples(specialists, tmp_path):
     with pytest.raises(UpcycleError, match=r"seed_fraction: 0.01 of 20 training samples gives no seed samples"):
         route.run(cfg, progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_sigkill_during_router_training_then_rerun_gives_the_same_routers(specialists, tmp_path):
+    """Killed after the 1st of 4 router-training checkpoints, rerun: bit-identical routers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    pool, mixed = specialists
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    def cmd(out):
+        return [sys.executable, "-m", "upcycle.cli", "route", "--quiet", "--expand", str(pool), "--out", str(out),
+                "--data", str(mixed), "seed_count=20", "moe.top_k=1", "train.epochs=4", "train.lr=0.05",
+                "train.batch_size=1", "train.warmup_ratio=0", "data.max_length=64"]
+
+    subprocess.run(cmd(tmp_path / "clean"), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cmd(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = tmp_path / "killed" / "manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if manifest.exists() and len(json.loads(manifest.read_text())["checkpoints"]) >= 1:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads(manifest.read_text())
+    assert not state["complete"] and 1 <= len(state["checkpoints"]) < 4
+    assert not (tmp_path / "killed" / "routers.safetensors").exists()
+    subprocess.run(cmd(tmp_path / "killed"), check=True, env=env, capture_output=True)
+    a = load_file(tmp_path / "clean" / "routers.safetensors")
+    b = load_file(tmp_path / "killed" / "routers.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
