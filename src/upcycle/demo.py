@@ -14,6 +14,7 @@ The demo sizes (evaluation items) are smaller than the reproduction in bench/ (i
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -89,9 +90,13 @@ def upit_part(workdir: Path) -> None:
     from upcycle.export.load import load_moe
     from upcycle.pipeline import RunConfig, run
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # checkpoint writes and loads would print a bar each
     print("\n== 2. UpIT on the built-in suite (bundled 2.6M-parameter base), against two baselines ==", flush=True)
     rows = []
     for recipe in ("upit_lora", "dense_lora", "loramoe_sft"):
+        shutil.rmtree(workdir / recipe, ignore_errors=True)  # a demo starts fresh (recipes resume; see upcycle run)
         cfg = load_config(RunConfig, RECIPES / f"{recipe}.yaml", [f"out={workdir / recipe}", *DEMO_OVERRIDES])
         t0 = time.perf_counter()
         result = run(cfg, progress=False)
