@@ -30,3 +30,23 @@ def logits_of(model, ids):
     model.eval()
     with torch.no_grad():
         return model(ids).logits
+
+
+def kill_after_checkpoints(cmd, manifest, count, env, timeout=120):
+    """Start `cmd`, SIGKILL it as soon as `manifest` lists `count` checkpoints; return the manifest then.
+
+    The manifest is always read whole: a half-written one (which atomic writes rule out) fails the test."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if manifest.exists() and len(json.loads(manifest.read_text())["checkpoints"]) >= count:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return json.loads(manifest.read_text())

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from upcycle.config import DataSpec
 from upcycle.data.build import build_datasets

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from upcycle.cli import main
 from upcycle.config import BuildConfig, EvalConfig, MoESpec

@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tests.conftest import logits_of
 from upcycle import load_moe
 from upcycle.moe.model import moe_aux_losses
 from upcycle.tiny import TINY_CONFIGS

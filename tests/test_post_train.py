@@ -2,15 +2,14 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import kill_after_checkpoints
 from upcycle.config import PostTrainConfig, load_config
 from upcycle.errors import UpcycleError
 from upcycle.manifest import sha256_files
@@ -104,16 +103,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_model(llama_dir, data_file, 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     subprocess.run(cli(llama_dir, tmp_path / "clean", data_file), check=True, env=env, capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cli(llama_dir, killed, data_file), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        m = killed / "manifest.json"
-        if m.exists() and len(json.loads(m.read_text())["checkpoints"]) >= 2:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    state = json.loads((killed / "manifest.json").read_text())
+    state = kill_after_checkpoints(cli(llama_dir, killed, data_file), killed / "manifest.json", 2, env)
     assert not state["complete"] and 2 <= len(state["checkpoints"]) < 4  # not marked done
     assert not (killed / "model").exists()
     subprocess.run(cli(llama_dir, killed, data_file), check=True, env=env, capture_output=True)

@@ -3,16 +3,15 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import kill_after_checkpoints
 from upcycle.config import PrepareConfig, load_config
 from upcycle.errors import UpcycleError
 from upcycle.manifest import sha256_files
@@ -103,22 +102,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(llama_dir, data_file,
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     subprocess.run(cli_args(llama_dir, clean, data_file), check=True, env=env, capture_output=True)
 
-    proc = subprocess.Popen(cli_args(llama_dir, killed, data_file), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    manifest = killed / "manifest.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if manifest.exists():
-            try:
-                listed = json.loads(manifest.read_text())["checkpoints"]
-            except json.JSONDecodeError:  # never happens with atomic writes; fail loudly if it does
-                raise AssertionError("manifest.json was read half-written")
-            if len(listed) >= 2:
-                break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    listed = json.loads(manifest.read_text())
+    listed = kill_after_checkpoints(cli_args(llama_dir, killed, data_file), killed / "manifest.json", 2, env)
     assert not listed["complete"] and 2 <= len(listed["checkpoints"]) < 4
     for c in listed["checkpoints"]:  # everything listed is complete on disk
         assert sha256_files(sorted((killed / c["path"]).glob("*.safetensors"))) == c["sha256"]

@@ -147,12 +147,12 @@ def test_seed_fraction_that_gives_no_samples(specialists, tmp_path):
 def test_sigkill_during_router_training_then_rerun_gives_the_same_routers(specialists, tmp_path):
     """Killed after the 1st of 4 router-training checkpoints, rerun: bit-identical routers."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     from safetensors.torch import load_file
+
+    from tests.conftest import kill_after_checkpoints
 
     pool, mixed = specialists
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -163,16 +163,7 @@ def test_sigkill_during_router_training_then_rerun_gives_the_same_routers(specia
                 "train.batch_size=1", "train.warmup_ratio=0", "data.max_length=64"]
 
     subprocess.run(cmd(tmp_path / "clean"), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(cmd(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manifest = tmp_path / "killed" / "manifest.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if manifest.exists() and len(json.loads(manifest.read_text())["checkpoints"]) >= 1:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    state = json.loads(manifest.read_text())
+    state = kill_after_checkpoints(cmd(tmp_path / "killed"), tmp_path / "killed" / "manifest.json", 1, env)
     assert not state["complete"] and 1 <= len(state["checkpoints"]) < 4
     assert not (tmp_path / "killed" / "routers.safetensors").exists()
     subprocess.run(cmd(tmp_path / "killed"), check=True, env=env, capture_output=True)

@@ -2,7 +2,7 @@
 
 For every domain, the share of its tokens' top-k slots that each expert receives, at every MoE
 layer, and one specialization number per domain: 1 - H(share) / log(N), averaged over layers
-(0 = spread evenly over the experts, 1 = always the same k... experts).
+(0 = spread evenly over the experts, 1 = every token of the domain goes to the same expert).
 """
 
 from __future__ import annotations

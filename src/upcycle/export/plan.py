@@ -19,7 +19,6 @@ import torch
 from tqdm.auto import tqdm
 
 from upcycle.architectures import OWN_FORMAT, MoEFormat
-from upcycle.config import MoESpec
 from upcycle.io.safetensors_io import PlannedTensor, ShardedWriter
 from upcycle.moe.block import MoEBlock
 from upcycle.moe.layer import LayerDims

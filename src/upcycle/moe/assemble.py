@@ -18,9 +18,9 @@ from typing import Literal
 
 import torch
 
-from upcycle.config import InitSpec, MoESpec
+from upcycle.config import MoESpec
 from upcycle.errors import UpcycleError
-from upcycle.experts import Key, LoRAExpert, ffn_name, open_expert
+from upcycle.experts import LoRAExpert, open_expert
 from upcycle.io.safetensors_io import SafetensorsReader
 from upcycle.moe.block import MoEBlock
 from upcycle.moe.init import init_router

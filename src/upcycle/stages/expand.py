@@ -18,7 +18,6 @@ Streaming: the similarity (a Gram matrix of task vectors) and each child are com
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 
 from upcycle.config import ExpandConfig, config_hash, dump_config
 from upcycle.errors import UpcycleError
-from upcycle.experts import FFNExpert, Key, LoRAExpert, ffn_name, lora_factors_from_delta, open_expert
+from upcycle.experts import Key, ffn_name, lora_factors_from_delta, open_expert
 from upcycle.io.atomic import atomic_dir
 from upcycle.io.model_folder import ModelFolder
 from upcycle.io.safetensors_io import PlannedTensor, ShardedWriter, release_memory
