@@ -48,7 +48,36 @@ DENSE_ARCHITECTURES: dict[str, DenseArchitecture] = {
     ]
 }
 
-# Keys every target config takes over unchanged from the dense config.
+
+@dataclass(frozen=True)
+class AttentionForm:
+    """How a stock class's attention reads its config: the facts its forward pass takes from there.
+
+    Both dense and MoE classes are described, so a dense config and the MoE config made from it can
+    be compared fact by fact (upcycle.dense_config.forward_facts) instead of trusting key names.
+    """
+
+    rotary: str                 # the rotary embedding class in the model's modeling module
+    qkv_bias: str | bool        # the config attribute saying whether q/k/v have a bias, or the fixed answer
+    o_bias: str | bool          # likewise for o_proj
+    # "none" | "every_layer" (config.sliding_window on every layer) | "every_layer_switched" (the same,
+    # only if use_sliding_window) | "layer_types" (config.sliding_window on the "sliding_attention" layers)
+    window: str
+    qk_norm: bool = False
+
+
+ATTENTION_FORMS: dict[str, AttentionForm] = {
+    "llama": AttentionForm("LlamaRotaryEmbedding", "attention_bias", "attention_bias", "none"),
+    "mistral": AttentionForm("MistralRotaryEmbedding", False, False, "every_layer"),
+    "qwen2": AttentionForm("Qwen2RotaryEmbedding", True, False, "layer_types"),
+    "qwen3": AttentionForm("Qwen3RotaryEmbedding", "attention_bias", "attention_bias", "layer_types", qk_norm=True),
+    "mixtral": AttentionForm("MixtralRotaryEmbedding", False, False, "every_layer"),
+    "qwen2_moe": AttentionForm("Qwen2MoeRotaryEmbedding", "qkv_bias", False, "layer_types"),
+    "qwen3_moe": AttentionForm("Qwen3MoeRotaryEmbedding", "attention_bias", "attention_bias", "every_layer_switched",
+                               qk_norm=True),
+}
+
+# Keys every target config takes over unchanged from the (normalized) dense config.
 COMMON_CONFIG_KEYS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "use_cache",
@@ -65,8 +94,9 @@ class MoEFormat:
     model_type: str
     hf_class: str
     routings: frozenset[str]
-    # {dense model_type: {config key: value it must have}}; a source missing here is refused.
-    accepts: Mapping[str, Mapping[str, Any]]
+    # Dense model types whose weights fit (Qwen3-MoE alone has q/k norms); every other fact is
+    # checked on the config this format would write (`why_not`).
+    accepts: frozenset[str]
     moe_prefix: str                        # where a layer's MoE tensors live
     proj_names: Mapping[str, str]          # canonical projection -> on-disk name
     shared_expert: str = "none"            # "none" | "gated": what it can express
@@ -90,14 +120,15 @@ class MoEFormat:
         return entries
 
     def why_not(self, dense_cfg: dict, spec: MoESpec) -> str | None:
-        """None if this format expresses the MoE exactly; otherwise the reason, for the error message."""
+        """None if this format expresses the MoE exactly; otherwise the reason, for the error message.
+
+        `dense_cfg` is a normalized dense config (upcycle.dense_config.normalize_config); the MoE
+        config this format would write is built and compared with it fact by fact.
+        """
         src = dense_cfg.get("model_type")
         if src not in self.accepts:
             ok = ", ".join(sorted(self.accepts))
             return f"format {self.name} takes dense models of type {ok}, not {src}"
-        for key, want in self.accepts[src].items():
-            if dense_cfg.get(key, want) != want:
-                return f"format {self.name} cannot hold a {src} model with {key}={dense_cfg.get(key)!r} (needs {want!r})"
         if spec.routing not in self.routings:
             return (f"format {self.name} cannot express routing {spec.routing} "
                     f"(it does {', '.join(sorted(self.routings))}); use --format qwen2_moe/qwen3_moe or upcycle")
@@ -107,13 +138,50 @@ class MoEFormat:
             return f"format {self.name} gates its shared expert by sigmoid(x.w); set moe.shared_expert_gate=true or use format upcycle"
         if spec.layers is not None and not self.dense_layers and len(spec.layers) != dense_cfg["num_hidden_layers"]:
             return f"format {self.name} makes every layer MoE; moe.layers selects a subset"
+        from upcycle.dense_config import carried_mismatch  # it reads the forms above
+
+        mismatch = carried_mismatch(dense_cfg, self, spec)
+        if mismatch:
+            return f"format {self.name} cannot reproduce this {src} model: {mismatch}"
         return None
 
 
 def _carry(dense: dict) -> dict:
-    out = {k: dense[k] for k in COMMON_CONFIG_KEYS if k in dense}
-    if "dtype" not in out and dense.get("torch_dtype"):  # configs written before transformers 5
-        out["dtype"] = dense["torch_dtype"]
+    return {k: dense[k] for k in COMMON_CONFIG_KEYS if k in dense}
+
+
+def _first_window(windows: list) -> int | None:
+    return next((w for w in windows if w is not None), None)
+
+
+# How a target class spells per-layer sliding windows, by AttentionForm.window: {key: value}.
+WINDOW_SPELLING: dict[str, Callable[[list], dict]] = {
+    "none": lambda windows: {},
+    "every_layer": lambda windows: {"sliding_window": _first_window(windows)},
+    "every_layer_switched": lambda windows: {"use_sliding_window": _first_window(windows) is not None,
+                                             "sliding_window": _first_window(windows)},
+    "layer_types": lambda windows: {
+        "use_sliding_window": _first_window(windows) is not None, "sliding_window": _first_window(windows),
+        "layer_types": ["full_attention" if w is None else "sliding_attention" for w in windows]},
+}
+
+
+def _attention_keys(target_type: str, dense: dict) -> dict:
+    """The target class's keys for the dense model's attention biases and sliding windows.
+
+    Spelled from the dense model's facts, not copied by name: a Mistral window becomes Qwen2-MoE
+    layer types, a Qwen2 q/k/v bias becomes qkv_bias. What cannot be spelled is caught by the
+    fact comparison in `MoEFormat.why_not`.
+    """
+    from upcycle.dense_config import config_object, forward_facts
+
+    facts = forward_facts(config_object(dense))
+    form = ATTENTION_FORMS[target_type]
+    out: dict = {}
+    for attr, value in zip((form.qkv_bias, form.o_bias), facts["attention bias (q/k/v, o)"]):
+        if isinstance(attr, str):
+            out.setdefault(attr, value)
+    out.update(WINDOW_SPELLING[form.window](facts["sliding window per layer"]))
     return out
 
 
@@ -126,7 +194,7 @@ def _mixtral_config(dense: dict, spec: MoESpec, expert_width: int, shared_width:
         router_aux_loss_coef=spec.aux_loss_coef,
         # Mixtral's jitter also scales the experts' input; upcycle's jitter is a training option only.
         router_jitter_noise=0.0, output_router_logits=False,
-        sliding_window=dense.get("sliding_window") if dense["model_type"] == "mistral" else None,
+        **_attention_keys("mixtral", dense),
     )
     return cfg
 
@@ -142,16 +210,12 @@ def _qwen_moe_config(model_type: str, arch: str) -> Callable:
             norm_topk_prob=spec.routing != "softmax_topk",
             decoder_sparse_step=1, mlp_only_layers=dense_layers,
             router_aux_loss_coef=spec.aux_loss_coef, output_router_logits=False,
+            **_attention_keys(model_type, dense),
         )
-        src = dense["model_type"]
-        if src == "qwen2" or src == "qwen3":
-            cfg.update({k: dense[k] for k in ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")
-                        if k in dense})
+        if "max_window_layers" in dense and "layer_types" in cfg:
+            cfg["max_window_layers"] = dense["max_window_layers"]  # informational: layer_types decides
         if model_type == "qwen2_moe":
             cfg["shared_expert_intermediate_size"] = shared_width
-            cfg["qkv_bias"] = src == "qwen2"
-        else:
-            cfg["attention_bias"] = dense.get("attention_bias", False)
         return cfg
 
     return make
@@ -163,7 +227,7 @@ MOE_FORMATS: dict[str, MoEFormat] = {
         MoEFormat(
             name="mixtral", model_type="mixtral", hf_class="MixtralForCausalLM",
             routings=frozenset({"topk_softmax", "softmax_topk_renorm"}),
-            accepts={"llama": {"attention_bias": False}, "mistral": {}},
+            accepts=frozenset({"llama", "mistral"}),
             moe_prefix="model.layers.{layer}.block_sparse_moe.",
             proj_names={"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"},
             dense_model_type="mistral", make_config=_mixtral_config,
@@ -171,7 +235,7 @@ MOE_FORMATS: dict[str, MoEFormat] = {
         MoEFormat(
             name="qwen2_moe", model_type="qwen2_moe", hf_class="Qwen2MoeForCausalLM",
             routings=frozenset({"topk_softmax", "softmax_topk_renorm", "softmax_topk"}),
-            accepts={"llama": {"attention_bias": False}, "mistral": {"sliding_window": None}, "qwen2": {}},
+            accepts=frozenset({"llama", "mistral", "qwen2"}),
             moe_prefix="model.layers.{layer}.mlp.",
             proj_names={p: p for p in PROJS}, shared_expert="gated", dense_layers=True,
             dense_model_type="qwen2", make_config=_qwen_moe_config("qwen2_moe", "Qwen2MoeForCausalLM"),
@@ -179,7 +243,7 @@ MOE_FORMATS: dict[str, MoEFormat] = {
         MoEFormat(
             name="qwen3_moe", model_type="qwen3_moe", hf_class="Qwen3MoeForCausalLM",
             routings=frozenset({"topk_softmax", "softmax_topk_renorm", "softmax_topk"}),
-            accepts={"qwen3": {}},
+            accepts=frozenset({"qwen3"}),
             moe_prefix="model.layers.{layer}.mlp.",
             proj_names={p: p for p in PROJS}, dense_layers=True,
             dense_model_type="qwen3", make_config=_qwen_moe_config("qwen3_moe", "Qwen3MoeForCausalLM"),

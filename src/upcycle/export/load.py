@@ -17,6 +17,7 @@ from transformers.initialization import no_init_weights
 
 from upcycle.architectures import COMMON_CONFIG_KEYS, FORMAT_BY_MODEL_TYPE, MoEFormat
 from upcycle.config import MoESpec
+from upcycle.dense_config import config_object, facts_mismatch
 from upcycle.errors import UpcycleError
 from upcycle.export.save import OWN_META
 from upcycle.io.model_folder import ModelFolder
@@ -118,9 +119,12 @@ def native_to_dense(fmt: MoEFormat, config) -> tuple[dict, MoESpec, list[int]]:
                 raise UpcycleError(f"qwen2_moe shared_expert_intermediate_size={shared} is not a multiple of "
                                    f"moe_intermediate_size={expert_width}; upcycle cannot represent it")
             spec_kw.update(num_shared_experts=shared // expert_width, shared_expert_gate=bool(shared))
+            windows = {cfg["sliding_window"] for t in cfg.get("layer_types") or [] if t == "sliding_attention"}
             if cfg.get("qkv_bias", True):
                 dense.update(model_type="qwen2", **{k: cfg[k] for k in ("use_sliding_window", "sliding_window",
                                                                         "max_window_layers", "layer_types") if k in cfg})
+            elif windows:  # made from a Mistral with a window: every layer slides
+                dense.update(model_type="mistral", sliding_window=max(windows))
             else:
                 dense.update(model_type="llama", attention_bias=False)
         else:
@@ -129,6 +133,10 @@ def native_to_dense(fmt: MoEFormat, config) -> tuple[dict, MoESpec, list[int]]:
         raise UpcycleError(f"{fmt.name}: intermediate_size={intermediate} is not a multiple of the expert width "
                            f"{expert_width}; upcycle cannot represent it")
     dense["intermediate_size"] = intermediate
+    mismatch = facts_mismatch(config_object(dense), config)
+    if mismatch:
+        raise UpcycleError(f"{fmt.name}: no dense model upcycle knows has this attention ({mismatch}); "
+                           "upcycle cannot load it")
     spec = MoESpec(top_k=cfg["num_experts_per_tok"], granularity=intermediate // expert_width,
                    aux_loss_coef=cfg.get("router_aux_loss_coef", 0.01), **spec_kw)
     return dense, spec, moe_layers

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from upcycle.dense_config import normalize_config, read_config_json
 from upcycle.errors import UpcycleError
 from upcycle.io.safetensors_io import SafetensorsReader
 
@@ -60,10 +61,9 @@ class ModelFolder:
         cfg_path = self.path / "config.json"
         if not cfg_path.is_file():
             raise UpcycleError(f"{what} {self.path}: no config.json; is this a Hugging Face model folder?")
-        try:
-            self.config: dict = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise UpcycleError(f"{cfg_path}: not valid JSON ({e})") from None
+        self.raw_config: dict = read_config_json(cfg_path)  # as on disk
+        # A dense config as transformers reads it, whatever version wrote it (upcycle.dense_config).
+        self.config: dict = normalize_config(self.raw_config, cfg_path)
         self.weight_files, self.is_pickle = self._find_weights(allow_pickle)
 
     def _find_weights(self, allow_pickle: bool) -> tuple[list[Path], bool]:

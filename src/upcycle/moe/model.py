@@ -18,6 +18,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from upcycle.architectures import dense_architecture
 from upcycle.config import InitSpec, MoESpec
+from upcycle.dense_config import unknown_key_problems
 from upcycle.errors import UpcycleError
 from upcycle.moe.block import MoEBlock, dense_mlp_weights
 from upcycle.moe.layer import UpcycledLayer
@@ -56,6 +57,9 @@ def check_supported(config) -> None:
     for key, want in arch.requires.items():
         if getattr(config, key, want) != want:
             raise UpcycleError(f"{config.model_type} with {key}={getattr(config, key)!r} is not supported (needs {want!r})")
+    problems = unknown_key_problems(config.to_dict(), f"{type(config).__name__}")
+    if problems:
+        raise UpcycleError(*problems)
 
 
 def upcycle_model(model: nn.Module, spec: MoESpec, init: InitSpec | None = None, seed: int = 0) -> nn.Module:

@@ -18,6 +18,7 @@ import torch
 
 from upcycle.architectures import DENSE_ARCHITECTURES, OWN_FORMAT, dense_architecture
 from upcycle.config import BuildConfig, dump_config
+from upcycle.dense_config import unknown_key_problems
 from upcycle.errors import UpcycleError
 from upcycle.export.save import format_name, resolve_format, write_moe_folder
 from upcycle.io.atomic import check_output_dir
@@ -43,6 +44,8 @@ class BuildPlan:
             raise UpcycleError(f"base {cfg.base}: model_type {self.folder.model_type!r} is not supported{hint}; "
                                f"upcycle takes {', '.join(DENSE_ARCHITECTURES)} dense models")
         self.arch = arch
+        # Keys the dense class does not define may change the model; refuse rather than drop them.
+        problems.extend(unknown_key_problems(dense, self.folder.path / "config.json"))
         for key, want in arch.requires.items():
             if dense.get(key, want) != want:
                 problems.append(f"base {cfg.base}: {key}={dense.get(key)!r} is not supported (needs {want!r})")
