@@ -1,0 +1,211 @@
+"""Outputs can't eat inputs: refusal of overlapping paths, one writer per output, stale temporaries,
+free space, OS write errors, and a folder that appears mid-run. Each case: a one-line error, inputs
+intact, nothing half-written left."""
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from upcycle.errors import UpcycleError
+from upcycle.io.atomic import (atomic_dir, atomic_write_text, check_output_size, clear_stale_temporaries)
+
+
+def leftovers(out: Path) -> list[Path]:
+    return sorted(p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def make_input(tmp_path) -> Path:
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "weights.bin").write_bytes(b"w" * 100)
+    return base
+
+
+@pytest.mark.parametrize("where", ["equal", "inside", "parent"])
+def test_output_overlapping_an_input_is_refused_and_input_kept(tmp_path, where):
+    base = make_input(tmp_path)
+    out = {"equal": base, "inside": base / "moe", "parent": tmp_path}[where]
+    with pytest.raises(UpcycleError) as e:
+        with atomic_dir(out, force=True, inputs=[base]) as tmp:
+            (tmp / "x").write_text("never")
+    assert str(e.value).count("\n") == 0 and "input" in str(e.value) and str(base) in str(e.value)
+    assert (base / "weights.bin").read_bytes() == b"w" * 100
+    assert sorted(p.name for p in base.iterdir()) == ["weights.bin"]
+
+
+def test_relative_and_symlinked_paths_are_resolved(tmp_path, monkeypatch):
+    base = make_input(tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(base)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UpcycleError, match="lies inside the input"):
+        with atomic_dir(Path("link/out"), force=True, inputs=["base"]):
+            pass
+
+
+def _hold_lock(out: Path, ready: Path) -> subprocess.Popen:
+    code = textwrap.dedent(f"""
+        import time, pathlib
+        from upcycle.io.atomic import atomic_dir
+        with atomic_dir({str(out)!r}) as tmp:
+            pathlib.Path({str(ready)!r}).write_text("1")
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    for _ in range(600):
+        if ready.exists():
+            return proc
+        import time
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("lock holder did not start")
+
+
+def test_second_writer_is_refused_naming_the_holder_and_a_killed_holder_frees_the_path(tmp_path):
+    out = tmp_path / "out"
+    holder = _hold_lock(out, tmp_path / "ready")
+    try:
+        with pytest.raises(UpcycleError) as e:
+            with atomic_dir(out) as tmp:
+                (tmp / "x").write_text("second")
+        assert f"pid {holder.pid}" in str(e.value) and "\n" not in str(e.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists()
+    # The killed holder left its temporary folder; the next writer removes it and succeeds.
+    assert [p for p in leftovers(out) if ".tmp-" in p.name]
+    with atomic_dir(out) as tmp:
+        (tmp / "x").write_text("third")
+    assert (out / "x").read_text() == "third"
+    assert leftovers(out) == []
+
+
+def test_stale_temporaries_of_live_processes_are_kept(tmp_path):
+    out = tmp_path / "out"
+    live = tmp_path / f".out.tmp-{os.getpid()}-abcd1234"
+    live.mkdir()
+    dead_pid = 2 ** 22 + 12345  # above pid_max's default range: no such process
+    dead = tmp_path / f".out.tmp-{dead_pid}-abcd1234"
+    dead.mkdir()
+    assert clear_stale_temporaries(out) == [dead]
+    assert live.is_dir() and not dead.exists()
+
+
+def test_folder_appearing_mid_run_is_left_alone(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UpcycleError) as e:
+        with atomic_dir(out) as tmp:
+            (tmp / "ours").write_text("ours")
+            out.mkdir()
+            (out / "theirs").write_text("theirs")
+    assert "appeared" in str(e.value)
+    assert sorted(p.name for p in out.iterdir()) == ["theirs"]
+    kept = tmp_path / f"out.upcycle-{os.getpid()}"
+    assert (kept / "ours").read_text() == "ours"
+    assert leftovers(out) == []
+
+
+def test_replacing_with_force_swaps_only_when_complete(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out, force=True) as tmp:
+            (tmp / "new").write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert sorted(p.name for p in out.iterdir()) == ["old"] and leftovers(out) == []
+    with atomic_dir(out, force=True) as tmp:
+        (tmp / "new").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new"] and leftovers(out) == []
+
+
+def test_plan_larger_than_free_space_is_refused_before_writing(tmp_path):
+    out = tmp_path / "out"
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    with pytest.raises(UpcycleError, match="GB free"):
+        with atomic_dir(out, planned_bytes=free * 2):
+            raise AssertionError("must not start writing")
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_plan_that_dwarfs_its_input_needs_force(tmp_path):
+    with pytest.raises(UpcycleError, match="--force"):
+        check_output_size(tmp_path / "o", planned_bytes=5_000_000_000, input_bytes=93_000, force=False)
+    check_output_size(tmp_path / "o", planned_bytes=5_000_000_000, input_bytes=93_000, force=True)
+    check_output_size(tmp_path / "o", planned_bytes=8 * 93_000, input_bytes=93_000, force=False)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_os_write_errors_are_one_line_naming_the_path(tmp_path, code):
+    out = tmp_path / "out"
+    with pytest.raises(UpcycleError) as e:
+        with atomic_dir(out) as tmp:
+            raise OSError(code, os.strerror(code), str(tmp / "model-00001.safetensors"))
+    msg = str(e.value)
+    assert "\n" not in msg and "model-00001.safetensors" in msg and str(out) in msg
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_real_full_disk_is_one_line(tmp_path):
+    """A real ENOSPC from a 1 MB tmpfs (needs root to mount; RLIMIT_FSIZE gives EFBIG, not ENOSPC)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the ENOSPC path is covered by the errno test above")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("this container does not allow mounting a tmpfs")
+    try:
+        out = mnt / "out"
+        with pytest.raises(UpcycleError, match="no space left"):
+            with atomic_dir(out) as tmp:
+                with open(tmp / "big", "wb") as f:
+                    for _ in range(4):
+                        f.write(b"\0" * (1 << 20))
+                        f.flush()
+                        os.fsync(f.fileno())
+        assert not out.exists() and leftovers(out) == []
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def test_unwritable_parent_is_one_line(tmp_path):
+    """A folder the process cannot write: permission bits as an ordinary user; as root (which ignores
+    them) a read-only tmpfs."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    mounted = False
+    if os.geteuid() == 0:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(locked)], capture_output=True)
+        if r.returncode:
+            pytest.skip("root ignores permission bits and this container does not allow mounting a tmpfs")
+        mounted, reason = True, "read-only file system"
+    else:
+        locked.chmod(0o555)
+        reason = "permission denied"
+    try:
+        out = locked / "out"
+        with pytest.raises(UpcycleError) as e:
+            with atomic_dir(out):
+                raise AssertionError("must not get a folder to write in")
+        assert reason in str(e.value) and str(out) in str(e.value) and "\n" not in str(e.value)
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(locked)])
+        locked.chmod(0o755)
+
+
+def test_atomic_write_text_error_names_the_file(tmp_path, monkeypatch):
+    target = tmp_path / "run.json"
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(UpcycleError, match="run.json.*no space left"):
+        atomic_write_text(target, "{}")
+    assert not target.exists()
