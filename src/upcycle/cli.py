@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             kind = args.kind or guess_kind(args.config)
             cfg = load_config(_schema(kind), args.config, args.overrides)
+            if kind == "RunConfig":
+                from upcycle.pipeline import check_base
+                check_base(cfg)  # what only the base's config.json can tell, as `upcycle run` checks first
             print(f"{args.config}: ok ({kind})")
             if kind == "BuildConfig":
                 from upcycle.export.save import format_name

@@ -3,7 +3,13 @@
 Every section is a pydantic model with `extra="forbid"`, so a misspelt key is an error, not a
 silently ignored setting. `load_config` merges a YAML file, CLI flags and `key=value` overrides,
 then validates everything in one pass and reports every problem at once, each naming its key.
-Checks that need the base model's config.json (not its weights) live in `stages/build.py`.
+
+Every constraint a stage would fail on is a validator on the stage's section, so `upcycle validate`,
+`upcycle run` (before any stage) and Python (constructing the config) refuse it alike. A section
+validator does not know where it sits in a recipe, so its messages write keys as `{at}key`;
+`format_validation_error` fills in the section's dotted path (`post_train.moe.top_k`). Checks that
+need the base model's config.json (not its weights) are `base_problems`, run by `upcycle validate`
+and before any stage of `upcycle run`.
 
 Where the papers are silent, the default chosen here is documented on the field (SPEC.md).
 """
@@ -15,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from upcycle.errors import UpcycleError
 
@@ -29,6 +35,30 @@ InitMethod = Literal["copy", "virtual_group", "drop", "noise"]
 WeightScaling = Literal["none", "nvidia", "output"]
 FormatName = Literal["auto", "mixtral", "qwen2_moe", "qwen3_moe", "upcycle"]
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+AT = "{at}"
+"""Placeholder for a section's dotted path in its validator's messages (`{at}moe.top_k`)."""
+
+
+class SectionProblems(ValueError):
+    """Every cross-field problem of one section, raised together from its validator.
+
+    Messages name keys relative to the section (`{at}moe.top_k`); `render(prefix)` names them from
+    the top of the config. In Python the message reads relative to the section being built.
+    """
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.render("")))
+
+    def render(self, prefix: str) -> list[str]:
+        return [p.replace(AT, prefix) for p in self.problems]
+
+
+def refuse(problems: list[str]) -> None:
+    if problems:
+        raise SectionProblems(problems)
 
 
 class _Section(BaseModel):
@@ -122,6 +152,11 @@ class BuildConfig(_Section):
     force: bool = Field(False, description="Replace a non-empty output folder.")
     allow_pickle: bool = Field(False, description="Read .bin/.pt weights (torch.load weights_only=True) when no safetensors exist.")
 
+    @model_validator(mode="after")
+    def _consistent(self):
+        refuse(upcycle_problems(self.moe, self.init) + export_problems(self.moe, self.export))
+        return self
+
 
 class SuiteSpec(_Section):
     """The built-in task suite (data `suite`): sizes and the seed that draws its items."""
@@ -203,10 +238,19 @@ class PrepareConfig(_Section):
     eval_max_items: int | None = Field(None, gt=0, description="Cap on suite test items per domain for per-checkpoint scoring.")
     force: bool = Field(False, description="Start over in a non-empty out folder made with a different config.")
 
+    @model_validator(mode="after")
+    def _consistent(self):
+        refuse(checkpoint_problems(self.train.epochs, self.save_every, whole=True))
+        return self
+
+    def checkpoint_count(self) -> int:
+        """How many checkpoints stage 1 saves (the experts expand chooses from)."""
+        return round(self.train.epochs / self.save_every)
+
 
 class MergeModel(_Section):
     path: str
-    weight: float = 1.0
+    weight: float = Field(1.0, allow_inf_nan=False)
 
 
 class MergeConfig(_Section):
@@ -217,9 +261,10 @@ class MergeConfig(_Section):
     models: list[MergeModel] = Field(min_length=1)
     out: Path
     seed: int = 0
-    scale: float = Field(1.0, description="lambda: theta = base + lambda * merged task vector.")
-    density: float = Field(0.5, gt=0, le=1, description="ties: fraction of each task vector kept by magnitude.")
-    drop_p: float = Field(0.5, ge=0, lt=1, description="dare: drop probability p; survivors are rescaled.")
+    scale: float = Field(1.0, allow_inf_nan=False, description="lambda: theta = base + lambda * merged task vector.")
+    density: float = Field(0.5, gt=0, le=1, description="Fraction of each task vector kept: ties by magnitude; dare and "
+                           "dare_ties at random, i.e. drop_p = 1 - density (as in peft and mergekit).")
+    drop_p: float = Field(0.5, ge=0, lt=1, description="dare, dare_ties: drop probability p; survivors are rescaled.")
     dare_rescale: Literal["inverse", "l1"] = Field("inverse", description="inverse: 1/(1-p) (DARE); l1: keep the L1 norm (mergekit).")
     sign_method: Literal["total", "frequency"] = "total"
     normalize: bool = Field(True, description="linear: divide by the sum of the weights.")
@@ -227,6 +272,29 @@ class MergeConfig(_Section):
     max_shard_size: str = "2GB"
     force: bool = False
     allow_pickle: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        problems = []
+        if self.method != "linear" and self.base is None:
+            problems.append(f"{AT}base: merge method {self.method} takes task vectors against a base model; give base=")
+        if self.method == "linear" and self.normalize and sum(m.weight for m in self.models) == 0:
+            problems.append(f"{AT}models: the weights sum to 0 and linear merging divides by their sum (normalize=true); "
+                            "change the weights or set normalize=false")
+        dare = self.method in ("dare", "dare_ties")
+        given = {"density", "drop_p"} & self.model_fields_set
+        if dare and given == {"density", "drop_p"} and abs(self.drop_p - (1 - self.density)) > 1e-9:
+            problems.append(f"{AT}density={self.density} and {AT}drop_p={self.drop_p} disagree: for {self.method}, density "
+                            f"is the keep fraction (peft, mergekit), so drop_p = 1 - density = {round(1 - self.density, 12)}; "
+                            "give one of them")
+        refuse(problems)
+        # DARE's density is the keep fraction: the one given sets the other, so the dumped config reads back
+        # the same. The assignment validates again, now with both given and consistent.
+        if dare and given == {"density"}:
+            self.drop_p = round(1 - self.density, 12)
+        elif dare and given == {"drop_p"}:
+            self.density = round(1 - self.drop_p, 12)
+        return self
 
 
 class ExpandConfig(_Section):
@@ -247,6 +315,42 @@ class ExpandConfig(_Section):
                                         "the parents' rank); the relative error is recorded in the lineage.")
     seed: int = 0
     force: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        problems = []
+        if isinstance(self.checkpoints, list):
+            if not self.checkpoints:
+                problems.append(f"{AT}checkpoints: the list is empty; name at least one checkpoint index")
+            if len(set(self.checkpoints)) != len(self.checkpoints):
+                problems.append(f"{AT}checkpoints: {self.checkpoints} lists a checkpoint twice")
+            negative = [i for i in self.checkpoints if i < 0]
+            if negative:
+                problems.append(f"{AT}checkpoints: {negative} are negative; checkpoints count from 0")
+            if not problems:
+                problems = self.pool_problems(len(self.checkpoints))
+        refuse(problems)
+        return self
+
+    def selected_indices(self, saved: int) -> list[int]:
+        """Which of the `saved` stage-1 checkpoints seed the pool (an explicit list may name ones not saved)."""
+        named = {"all": range(saved), "second_half": range(saved // 2, saved), "first_half": range(saved // 2)}
+        return list(named[self.checkpoints]) if isinstance(self.checkpoints, str) else list(self.checkpoints)
+
+    def pool_problems(self, selected: int, at: str = AT) -> list[str]:
+        """Whether `selected` checkpoints can become num_experts experts."""
+        what = f"{at}checkpoints={self.checkpoints!r} selects {selected}"
+        if selected == 0:
+            return [f"{at}checkpoints: {self.checkpoints!r} selects no checkpoint; choose all or more checkpoints"]
+        if selected > self.num_experts:
+            return [f"{at}num_experts: {self.num_experts} is below the pool size {selected} ({what}); "
+                    "raise num_experts or select fewer"]
+        if not self.expansion and selected < self.num_experts:
+            return [f"{at}expansion is off but {at}checkpoints={self.checkpoints!r} selects only {selected} of the "
+                    f"{at}num_experts={self.num_experts} experts; select more (checkpoints=all) or turn expansion on"]
+        if selected < 2 and self.num_experts > selected:
+            return [f"{at}checkpoints: expansion merges two experts into a child, but {what}; select at least two"]
+        return []
 
 
 class RouteConfig(_Section):
@@ -273,6 +377,11 @@ class RouteConfig(_Section):
     score_batch_size: int = Field(8, gt=0, description="Samples per scoring forward (times the number of experts).")
     force: bool = False
 
+    @model_validator(mode="after")
+    def _consistent(self):
+        refuse(pool_moe_problems(self.moe))
+        return self
+
 
 class PostTrainConfig(_Section):
     """`upcycle post-train`: assemble the MoE and train it with LM + load-balancing loss (UpIT stage 4),
@@ -298,6 +407,22 @@ class PostTrainConfig(_Section):
     evaluate: bool = True
     eval_max_items: int | None = Field(None, gt=0)
     force: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        problems = checkpoint_problems(self.train.epochs, self.save_every, whole=False)
+        if self.source == "upit":
+            problems += pool_moe_problems(self.moe)
+            if self.init != InitSpec():
+                problems.append(f"{AT}init: only used with {AT}source=upcycle (UpIT's experts come from expand); remove it")
+            if self.dense is not None:
+                problems.append(f"{AT}dense: only used with {AT}source=upcycle; UpIT's experts come from {AT}expand")
+        else:
+            problems += upcycle_problems(self.moe, self.init)
+            problems += [f"{AT}{key}: only used with {AT}source=upit; source upcycle upcycles {AT}dense"
+                         for key in ("expand", "route") if getattr(self, key) is not None]
+        refuse(problems + export_problems(self.moe, self.export))
+        return self
 
 
 class EvalConfig(_Section):
@@ -332,40 +457,138 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
 
 
-def moe_spec_problems(moe: MoESpec, init: InitSpec, prefix: str = "") -> list[str]:
-    """Cross-field checks that need no model: each message names its key and says what to do."""
-    p = prefix
+def upcycle_problems(moe: MoESpec, init: InitSpec) -> list[str]:
+    """An MoE upcycled from a dense MLP (build, post_train source upcycle, `upcycle_model`): keys as `{at}moe.x`."""
+    m, i = f"{AT}moe.", f"{AT}init."
     problems = []
     if moe.top_k > moe.num_experts:
-        problems.append(f"{p}moe.top_k: {moe.top_k} is larger than moe.num_experts={moe.num_experts}; choose top_k <= num_experts")
+        problems.append(f"{m}top_k: {moe.top_k} is larger than {m}num_experts={moe.num_experts}; choose top_k <= num_experts")
     if moe.num_experts % moe.granularity:
         problems.append(
-            f"{p}moe.num_experts: {moe.num_experts} is not a multiple of moe.granularity={moe.granularity}; "
+            f"{m}num_experts: {moe.num_experts} is not a multiple of {m}granularity={moe.granularity}; "
             f"N = E*G experts (e.g. {moe.granularity * max(1, moe.num_experts // moe.granularity)})"
         )
     if init.method == "copy" and moe.granularity > 1:
-        problems.append(f"{p}init.method: copy makes full-width experts; with moe.granularity={moe.granularity} use virtual_group")
+        problems.append(f"{i}method: copy makes full-width experts; with {m}granularity={moe.granularity} use virtual_group")
     if init.method == "virtual_group" and moe.top_k % moe.granularity:
         problems.append(
-            f"{p}moe.top_k: virtual groups need top_k to be a multiple of granularity "
-            f"(top_k={moe.top_k}, granularity={moe.granularity}) so that top-k picks whole copies of the MLP"
+            f"{m}top_k: virtual groups need top_k to be a multiple of granularity "
+            f"(top_k={moe.top_k}, {m}granularity={moe.granularity}) so that top-k picks whole copies of the MLP"
         )
     if moe.expert_type == "lora" and moe.granularity > 1:
-        problems.append(f"{p}moe.granularity: LoRA experts share the full dense MLP; granularity must be 1")
-    if moe.expert_type == "lora" and init.method not in ("copy",):
-        problems.append(f"{p}init.method: LoRA experts start as the dense MLP (B = 0); use init.method=copy")
+        problems.append(f"{m}granularity: LoRA experts share the full dense MLP; granularity must be 1")
+    if moe.expert_type == "lora" and init.method != "copy":
+        problems.append(f"{i}method: LoRA experts start as the dense MLP (B = 0); use {i}method=copy")
     if moe.expert_type == "lora" and init.weight_scaling != "none":
-        problems.append(f"{p}init.weight_scaling: not defined for LoRA experts; use none")
+        problems.append(f"{i}weight_scaling: not defined for LoRA experts; use none")
+    return problems + layer_problems(moe)
+
+
+def layer_problems(moe: MoESpec) -> list[str]:
+    problems = []
     if moe.layers is not None and len(set(moe.layers)) != len(moe.layers):
-        problems.append(f"{p}moe.layers: {moe.layers} lists a layer twice")
+        problems.append(f"{AT}moe.layers: {moe.layers} lists a layer twice")
+    negative = [l for l in moe.layers or [] if l < 0]
+    if negative:
+        problems.append(f"{AT}moe.layers: {negative} are negative; layers count from 0")
     return problems
 
 
-def prepare_problems(cfg: "PrepareConfig") -> list[str]:
+def pool_moe_problems(moe: MoESpec) -> list[str]:
+    """An MoE over UpIT's expert pool (route, post_train source upit): whole MLP experts, one per pool member.
+
+    num_experts is the pool's size (expand.num_experts); the recipe fills it in, and a value given
+    here must agree with it. Layers are those the experts were trained on.
+    """
+    m = f"{AT}moe."
     problems = []
-    checkpoints = cfg.train.epochs / cfg.save_every
-    if abs(checkpoints - round(checkpoints)) > 1e-9:
-        problems.append(f"save_every: {cfg.save_every} does not divide train.epochs={cfg.train.epochs} into whole checkpoints")
+    if "num_experts" in moe.model_fields_set and moe.top_k > moe.num_experts:
+        problems.append(f"{m}top_k: {moe.top_k} is larger than {m}num_experts={moe.num_experts}; choose top_k <= num_experts")
+    if moe.granularity != 1:
+        problems.append(f"{m}granularity: UpIT experts are whole checkpoints' MLPs; granularity must be 1")
+    if moe.num_shared_experts:
+        problems.append(f"{m}num_shared_experts: UpIT's pool has no shared expert to start one from; use 0")
+    if moe.layers is not None:
+        problems.append(f"{m}layers: UpIT's MoE layers are the ones the experts were trained on; remove it")
+    return problems
+
+
+def export_problems(moe: MoESpec, export: ExportSpec) -> list[str]:
+    """export.format against the MoE where no base model is needed: routing, shared experts, LoRA storage.
+
+    What depends on the base (its model type, its layer count) is checked by `base_problems`.
+    """
+    from upcycle.architectures import MOE_FORMATS
+
+    e = f"{AT}export."
+    problems = []
+    if moe.expert_type == "lora" and export.lora_storage == "compact" and export.format not in ("auto", "upcycle"):
+        problems.append(f"{e}format: {export.format} cannot store LoRA experts compactly; "
+                        f"use {e}format=upcycle, or {e}lora_storage=materialize")
+    fmt = MOE_FORMATS.get(export.format)
+    if fmt is None:
+        return problems
+    if moe.routing not in fmt.routings:
+        problems.append(f"{e}format: {fmt.name} cannot express routing {moe.routing} ({AT}moe.routing; it does "
+                        f"{', '.join(sorted(fmt.routings))}); use qwen2_moe/qwen3_moe, upcycle or auto")
+    if moe.num_shared_experts and fmt.shared_expert == "none":
+        problems.append(f"{e}format: {fmt.name} has no shared experts ({AT}moe.num_shared_experts={moe.num_shared_experts}); "
+                        "use qwen2_moe, upcycle or auto")
+    elif moe.num_shared_experts and fmt.shared_expert == "gated" and not moe.shared_expert_gate:
+        problems.append(f"{e}format: {fmt.name} gates its shared expert by sigmoid(x.w); set {AT}moe.shared_expert_gate=true "
+                        "or use format upcycle")
+    return problems
+
+
+def checkpoint_problems(epochs: float, save_every: float, whole: bool) -> list[str]:
+    """A checkpoint every save_every epochs: at least one. `whole`: exactly epochs / save_every of them
+    (prepare's checkpoints are the experts; post_train's are only resume points, the last one capped)."""
+    if save_every > epochs:
+        return [f"{AT}save_every: {save_every} is more than {AT}train.epochs={epochs}, so no checkpoint would be "
+                "saved; choose save_every <= epochs"]
+    count = epochs / save_every
+    if whole and abs(count - round(count)) > 1e-9:
+        return [f"{AT}save_every: {save_every} does not divide {AT}train.epochs={epochs} into whole checkpoints "
+                f"({count:.3g}); choose save_every = epochs / n"]
+    return []
+
+
+def moe_spec_problems(moe: MoESpec, init: InitSpec, prefix: str = "") -> list[str]:
+    """`upcycle_problems` with keys named under `prefix`: the check of a spec built in Python (`upcycle_model`)."""
+    return SectionProblems(upcycle_problems(moe, init)).render(prefix)
+
+
+def base_problems(dense: dict, where: str, moe: MoESpec | None = None, export: ExportSpec | None = None,
+                  prefix: str = "") -> list[str]:
+    """What only the base's config.json can tell (no weights read): is it a supported dense model, and
+    does the MoE fit it (granularity divides the MLP width, layers exist, an explicit format holds it).
+    `where` names the base (e.g. "base /models/llama"); `prefix` is the MoE section's dotted path."""
+    from upcycle.architectures import DENSE_ARCHITECTURES, MOE_FORMATS, dense_architecture
+
+    arch = dense_architecture(dense.get("model_type"))
+    if arch is None:
+        hint = " (it needs remote code, which upcycle does not run)" if "auto_map" in dense else ""
+        return [f"{where}: model_type {dense.get('model_type')!r} is not supported{hint}; "
+                f"upcycle takes {', '.join(DENSE_ARCHITECTURES)} dense models"]
+    problems = [f"{where}: {key}={dense.get(key)!r} is not supported (needs {want!r})"
+                for key, want in arch.requires.items() if dense.get(key, want) != want]
+    shape = {key: dense.get(key) for key in ("intermediate_size", "num_hidden_layers")}
+    bad = [key for key, v in shape.items() if not (isinstance(v, int) and v > 0)]
+    problems += [f"{where}: config.json has {key}={shape[key]!r}; it must be a positive integer" for key in bad]
+    if moe is None or bad:
+        return problems
+    intermediate, n_layers = shape["intermediate_size"], shape["num_hidden_layers"]
+    if intermediate % moe.granularity:
+        problems.append(f"{prefix}moe.granularity: {moe.granularity} does not divide the base's intermediate_size="
+                        f"{intermediate}; choose a divisor")
+    out_of_range = [l for l in moe.layers or [] if l >= n_layers]
+    if out_of_range:
+        problems.append(f"{prefix}moe.layers: {out_of_range} out of range; the base has layers 0..{n_layers - 1}")
+    fmt = MOE_FORMATS.get(export.format) if export is not None else None
+    if fmt is not None and not out_of_range:
+        reason = fmt.why_not(dense, moe)
+        if reason:
+            problems.append(f"{prefix}export.format: {reason}")
     return problems
 
 
@@ -433,7 +656,11 @@ def format_validation_error(err: ValidationError, source: str = "") -> list[str]
     lines = []
     for e in err.errors():
         key = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        section = (e.get("ctx") or {}).get("error")
+        if isinstance(section, SectionProblems):
+            prefix = "".join(f"{x}." for x in e["loc"])
+            lines.extend(f"{where}{p}" for p in section.render(prefix))
+        elif e["type"] == "extra_forbidden":
             lines.append(f"{where}{key}: unknown key; check the spelling (`upcycle validate` lists valid keys in the error context)")
         elif e["type"] == "missing":
             lines.append(f"{where}{key}: required, not given")
@@ -447,7 +674,8 @@ def load_config(schema: type[BaseModel], path: str | Path | None = None, overrid
                 values: dict[str, Any] | None = None):
     """Build a validated `schema` instance from a YAML file, explicit values and key=value overrides.
 
-    Later sources win: file < values (CLI flags) < overrides. All problems are raised together.
+    Later sources win: file < values (CLI flags) < overrides. All problems are raised together, the
+    sections' cross-field ones (their validators) included.
     """
     data: dict[str, Any] = read_yaml(path) if path else {}
     if values:
@@ -455,19 +683,9 @@ def load_config(schema: type[BaseModel], path: str | Path | None = None, overrid
     if overrides:
         data = deep_merge(data, parse_overrides(overrides))
     try:
-        cfg = schema.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         raise UpcycleError(*format_validation_error(e, str(path) if path else "")) from None
-    problems = []
-    if isinstance(cfg, BuildConfig):
-        problems = moe_spec_problems(cfg.moe, cfg.init)
-    if isinstance(cfg, PrepareConfig):
-        problems = prepare_problems(cfg)
-    if isinstance(cfg, MergeConfig) and cfg.method != "linear" and cfg.base is None:
-        problems = [f"base: merge method {cfg.method} takes task vectors against a base model; give base="]
-    if problems:
-        raise UpcycleError(*problems)
-    return cfg
 
 
 def dump_config(cfg: BaseModel, path: Path) -> None:

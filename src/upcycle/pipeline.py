@@ -7,6 +7,10 @@ config hash and the content hash of the stage's own manifest when it finished. O
 finished stage whose manifest is unchanged is skipped; an unfinished one resumes (each stage
 resumes from its last complete checkpoint); a stage whose folder was made by a different config
 is refused by the stage itself, unless `--redo STAGE` clears it and every stage after it.
+
+Everything a stage would fail on is refused before any stage runs: each section's own validator
+(config.py), `RunConfig`'s checks across stages (checkpoint counts, the expert pool, a per-stage
+seed or data that contradicts the recipe's), and `check_base`, which reads the base's config.json.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field, model_validator
 
-from upcycle.config import (DataSpec, ExpandConfig, PostTrainConfig, PrepareConfig, RouteConfig, _Section, config_hash,
-                            dump_config)
+from upcycle.config import (AT, DataSpec, ExpandConfig, PostTrainConfig, PrepareConfig, RouteConfig, _Section,
+                            base_problems, config_hash, dump_config, refuse)
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import atomic_write_text
 from upcycle.manifest import MANIFEST
@@ -29,6 +33,11 @@ from upcycle.manifest import MANIFEST
 StageName = Literal["prepare", "expand", "route", "post_train"]
 ORDER: tuple[str, ...] = ("prepare", "expand", "route", "post_train")
 RUN_MANIFEST = "run.json"
+# Bundled models made on first use (a GGUF converted to safetensors): `check_base` does not convert them.
+CONVERTED_ON_FIRST_USE = ("bundled:smollm2",)
+# What a recipe sets once for all its stages: each stage's own key must agree with it or be left out.
+SHARED: dict[str, tuple[str, ...]] = {"prepare": ("seed", "data", "evaluate", "eval_max_items"), "expand": ("seed",),
+                                      "route": ("seed", "data"), "post_train": ("seed", "data", "evaluate", "eval_max_items")}
 
 
 class RunConfig(_Section):
@@ -48,39 +57,186 @@ class RunConfig(_Section):
     evaluate: bool = True
     eval_max_items: int | None = Field(None, gt=0)
 
+    @model_validator(mode="after")
+    def _consistent(self):
+        """Refuse what the stages would fail on; fill in what the recipe sets for every stage."""
+        problems = stage_order_problems(self.stages)
+        if _source_upit(self) and "expand" not in self.stages:
+            problems.append(f"{AT}post_train.source: upit needs the expand stage in {AT}stages; "
+                            "use source: upcycle to upcycle a dense model")
+        problems += shared_problems(self) + link_problems(self) + pool_problems(self)
+        refuse(problems)
+        for stage, fills in implied_values(self).items():  # the dumped recipe then shows what each stage runs with
+            section = getattr(self, stage)
+            filled = section.model_copy(update=fills)
+            filled.__pydantic_fields_set__ = set(section.model_fields_set)  # filled, not given: a later change re-fills
+            self.__dict__[stage] = filled
+        return self
+
+
+def stage_order_problems(stages: list[str]) -> list[str]:
+    if len(set(stages)) != len(stages) or stages != sorted(stages, key=ORDER.index):
+        return [f"{AT}stages: {stages} must be in the order {list(ORDER)}, each once"]
+    needs = {"expand": "prepare", "route": "expand"}
+    problems = [f"{AT}stages: {s} needs {needs[s]} before it" for s in stages if s in needs and needs[s] not in stages]
+    return problems
+
+
+def _source_upit(run: RunConfig) -> bool:
+    return "post_train" in run.stages and run.post_train.source == "upit"
+
+
+def shared_problems(run: RunConfig) -> list[str]:
+    """A stage's own seed/data/evaluate that contradicts the recipe's is refused, naming each differing key."""
+    problems = []
+    for stage, keys in SHARED.items():
+        section = getattr(run, stage)
+        for key in keys:
+            if key in section.model_fields_set:
+                problems += [f"{AT}{stage}.{k}: {mine!r} contradicts the recipe's {k}={theirs!r}; every stage of a "
+                             f"recipe runs with its top-level {key}: change {k} instead, or remove {stage}.{key}"
+                             for k, mine, theirs in _differences(key, getattr(section, key), getattr(run, key))]
+    return problems
+
+
+def _differences(key: str, mine, theirs) -> list[tuple[str, object, object]]:
+    """(dotted key, mine, theirs) for every leaf where two values (sections compared field by field) differ."""
+    if isinstance(mine, BaseModel) and isinstance(theirs, BaseModel):
+        mine, theirs = mine.model_dump(mode="json", by_alias=True), theirs.model_dump(mode="json", by_alias=True)
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        return [d for k in mine for d in _differences(f"{key}.{k}", mine[k], theirs.get(k))]
+    return [] if mine == theirs else [(key, mine, theirs)]
+
+
+def links(run: RunConfig) -> dict[str, dict]:
+    """Each stage's input and output folders (and post_train's dense source): the recipe connects them."""
+    out = Path(run.out)
+    result: dict[str, dict] = {"prepare": {"base": run.base, "out": out / "prepare"},
+                               "expand": {"prepare": out / "prepare", "out": out / "expand"},
+                               "route": {"expand": out / "expand", "out": out / "route"},
+                               "post_train": {"out": out / "post_train"}}
+    pt = run.post_train
+    if pt.source == "upit":
+        result["post_train"].update(expand=out / "expand", route=(out / "route") if "route" in run.stages else None)
+    else:
+        dense = pt.dense or ("@prepare" if "prepare" in run.stages else "@base")
+        result["post_train"]["dense"] = {"@base": run.base, "@prepare": f"prepare:{out / 'prepare'}"}.get(dense, dense)
+    return result
+
+
+def link_problems(run: RunConfig) -> list[str]:
+    problems = []
+    for stage, values in links(run).items():
+        section = getattr(run, stage)
+        for key, value in values.items():
+            given = getattr(section, key)
+            if key != "dense" and given is not None and given != value:
+                problems.append(f"{AT}{stage}.{key}: {given}, but a recipe connects its stages itself "
+                                f"(here {stage}.{key} is {value}); remove it")
+    if run.post_train.dense == "@prepare" and "prepare" not in run.stages and "post_train" in run.stages:
+        problems.append(f"{AT}post_train.dense: @prepare needs the prepare stage in {AT}stages; use @base or a model folder")
+    return problems
+
+
+def pool_problems(run: RunConfig) -> list[str]:
+    """UpIT: prepare saves K checkpoints, expand selects some and grows them to N experts, which route
+    and post_train route over. Checked on counts alone, before anything is trained."""
+    prep, exp = run.prepare, run.expand
+    if "expand" not in run.stages:
+        return []
+    saved = prep.checkpoint_count()
+    selected = exp.selected_indices(saved)
+    beyond = [i for i in selected if i >= saved]
+    if beyond:
+        problems = [f"{AT}expand.checkpoints: indices {beyond} out of range; prepare saves checkpoints 0..{saved - 1} "
+                    f"({AT}prepare.train.epochs={prep.train.epochs} / {AT}prepare.save_every={prep.save_every})"]
+    elif isinstance(exp.checkpoints, str):  # an explicit list's length was checked by ExpandConfig itself
+        problems = [f"{p} (prepare saves {saved} checkpoints: {AT}prepare.train.epochs / {AT}prepare.save_every)"
+                    for p in exp.pool_problems(len(selected), at=f"{AT}expand.")]
+    else:
+        problems = []
+    pool = exp.num_experts
+    kind = "lora" if prep.mode == "lora" else "mlp"
+    for stage in ("route", "post_train"):
+        if stage not in run.stages or (stage == "post_train" and not _source_upit(run)):
+            continue
+        moe = getattr(run, stage).moe
+        key = f"{AT}{stage}.moe."
+        if "num_experts" in moe.model_fields_set and moe.num_experts != pool:
+            problems.append(f"{key}num_experts: {moe.num_experts} contradicts {AT}expand.num_experts={pool}, the pool "
+                            f"{stage} routes over; set one value, or remove {stage}.moe.num_experts")
+        elif moe.top_k > pool:
+            problems.append(f"{key}top_k: {moe.top_k} is larger than {AT}expand.num_experts={pool}, the pool {stage} "
+                            "routes over; choose top_k <= num_experts")
+        if "expert_type" in moe.model_fields_set and moe.expert_type != kind:
+            problems.append(f"{key}expert_type: {moe.expert_type} contradicts {AT}prepare.mode={prep.mode}, whose "
+                            f"checkpoints are {kind} experts; use expert_type={kind} or remove it")
+    return problems
+
+
+def implied_values(run: RunConfig) -> dict[str, dict]:
+    """Per stage, the values the recipe gives it that the stage's own section left out."""
+    fills: dict[str, dict] = {}
+    for stage, keys in SHARED.items():
+        section = getattr(run, stage)
+        fills[stage] = {k: getattr(run, k) for k in keys if k not in section.model_fields_set}
+    kind = "lora" if run.prepare.mode == "lora" else "mlp"
+    for stage in ("route", "post_train"):
+        if stage == "route" or run.post_train.source == "upit":
+            moe = getattr(run, stage).moe
+            pool = {"num_experts": run.expand.num_experts, "expert_type": kind}
+            moe_fills = {k: v for k, v in pool.items() if k not in moe.model_fields_set}
+            if moe_fills:
+                filled = moe.model_copy(update=moe_fills)
+                filled.__pydantic_fields_set__ = set(moe.model_fields_set)
+                fills[stage]["moe"] = filled
+    return fills
+
 
 def stage_configs(run: RunConfig) -> dict[str, object]:
     """Each stage's full config: the recipe's section with the run-wide values and paths filled in."""
-    out, common = Path(run.out), {"seed": run.seed}
-    stages = run.stages
-    unknown_order = [s for s in stages if s not in ORDER]
-    if unknown_order or stages != sorted(stages, key=ORDER.index):
-        raise UpcycleError(f"stages: {stages} must be in the order {list(ORDER)}")
-    cfgs: dict[str, object] = {}
-    if "prepare" in stages:
-        cfgs["prepare"] = run.prepare.model_copy(update={**common, "base": run.base, "out": out / "prepare", "data": run.data,
-                                                         "evaluate": run.evaluate, "eval_max_items": run.eval_max_items})
-    if "expand" in stages:
-        if "prepare" not in stages:
-            raise UpcycleError("stages: expand needs prepare before it")
-        cfgs["expand"] = run.expand.model_copy(update={**common, "prepare": out / "prepare", "out": out / "expand"})
-    if "route" in stages:
-        if "expand" not in stages:
-            raise UpcycleError("stages: route needs expand before it")
-        cfgs["route"] = run.route.model_copy(update={**common, "expand": out / "expand", "out": out / "route", "data": run.data})
-    if "post_train" in stages:
-        pt = run.post_train
-        update = {**common, "out": out / "post_train", "data": run.data, "evaluate": run.evaluate,
-                  "eval_max_items": run.eval_max_items}
-        if pt.source == "upit":
-            if "expand" not in stages:
-                raise UpcycleError("post_train.source upit needs the expand stage; use source: upcycle to upcycle a dense model")
-            update.update(expand=out / "expand", route=(out / "route") if "route" in stages else None)
-        else:
-            dense = pt.dense or ("@prepare" if "prepare" in stages else "@base")
-            update["dense"] = {"@base": run.base, "@prepare": f"prepare:{out / 'prepare'}"}.get(dense, dense)
-        cfgs["post_train"] = pt.model_copy(update=update)
-    return cfgs
+    connected = links(run)
+    return {stage: getattr(run, stage).model_copy(update={**{k: getattr(run, k) for k in SHARED[stage]},
+                                                          **connected[stage]})
+            for stage in run.stages}
+
+
+def check_base(run: RunConfig) -> None:
+    """What only the base's config.json can tell, before any stage runs (no weights are read):
+    a supported dense model, and a post_train MoE that fits it (granularity, layers, format)."""
+    from upcycle.errors import UpcycleError
+
+    if run.base in CONVERTED_ON_FIRST_USE:
+        return
+    problems, dense = _read_config(run.base)
+    moe = export = None
+    if "post_train" in run.stages and dense is not None:
+        pt = stage_configs(run)["post_train"]
+        if pt.source == "upit" or pt.dense in (run.base, f"prepare:{Path(run.out) / 'prepare'}"):
+            moe, export = pt.moe, pt.export  # the pool's experts and a fine-tuned base have the base's shape
+        elif not pt.dense.startswith("prepare:") and pt.dense not in CONVERTED_ON_FIRST_USE:
+            other, other_dense = _read_config(pt.dense, "post_train.dense")
+            problems += other
+            if other_dense is not None:
+                problems += base_problems(other_dense, f"post_train.dense {pt.dense}", pt.moe, pt.export, "post_train.")
+    if dense is not None:
+        problems += base_problems(dense, f"base {run.base}", moe, export, prefix="post_train.")
+    if problems:
+        raise UpcycleError(*problems)
+
+
+def _read_config(name: str, what: str = "base") -> tuple[list[str], dict | None]:
+    from upcycle.bundled import resolve_model
+    from upcycle.errors import UpcycleError
+    from upcycle.io.model_folder import ModelFolder
+
+    try:
+        config = ModelFolder(resolve_model(name), what=what).config
+    except UpcycleError as e:
+        return e.problems, None
+    if not isinstance(config, dict):
+        return [f"{what} {name}: config.json is not a mapping of keys"], None
+    return [], config
 
 
 def _module(stage: str):
@@ -106,7 +262,8 @@ def results_of(cfgs: dict, out: Path) -> dict:
 
 def run(cfg: RunConfig, progress: bool = True, redo: list[str] | None = None) -> dict:
     started = time.perf_counter()
-    cfgs = stage_configs(cfg)  # every stage config is checked before anything runs
+    check_base(cfg)  # the recipe itself was checked when it was built (RunConfig's validators)
+    cfgs = stage_configs(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / RUN_MANIFEST

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from upcycle.config import ExpandConfig, config_hash, dump_config
+from upcycle.devices import accelerator
 from upcycle.errors import UpcycleError
 from upcycle.experts import Key, ffn_name, lora_factors_from_delta, open_expert
 from upcycle.io.atomic import atomic_dir
@@ -38,18 +39,13 @@ from upcycle.seeding import generator
 # ------------------------------------------------------------------------------ the pool
 
 
-def select_checkpoints(entries: list[dict], choice) -> list[dict]:
+def select_checkpoints(entries: list[dict], cfg: ExpandConfig) -> list[dict]:
     k = len(entries)
-    if choice == "all":
-        return list(entries)
-    if choice == "second_half":
-        return entries[k // 2:]
-    if choice == "first_half":
-        return entries[: k // 2]
-    bad = [i for i in choice if not 0 <= i < k]
+    indices = cfg.selected_indices(k)
+    bad = [i for i in indices if not 0 <= i < k]
     if bad:
         raise UpcycleError(f"checkpoints: indices {bad} out of range; the prepare stage saved checkpoints 0..{k - 1}")
-    return [entries[i] for i in choice]
+    return [entries[i] for i in indices]
 
 
 def check_pool(experts: list, base_reader) -> list[Key]:
@@ -139,6 +135,7 @@ def write_child(folder: Path, experts: list, keys: list[Key], base_reader, paren
                         PlannedTensor(f"{prefix}.lora_B.weight", (out_dim, rank), torch.float32)]
         weights_file = "adapter_model.safetensors"
     writer = ShardedWriter(folder, planned, max_shard_bytes=1 << 62, basename=weights_file.removesuffix(".safetensors"))
+    svd_device = accelerator()  # LoRA children's SVDs: the accelerator's, where there is one (factors come back)
     for key in tqdm(keys, desc=f"child {n}", disable=not progress, mininterval=0.5):
         base = base_reader.get(ffn_name(key)).float()
         pool = taus(experts, key, base)  # (n, numel)
@@ -151,7 +148,10 @@ def write_child(folder: Path, experts: list, keys: list[Key], base_reader, paren
             writer.write(name, (base.reshape(-1) + child).reshape(base.shape))
             stored = child
         else:
-            a, b, err = lora_factors_from_delta(child.reshape(base.shape), rank)
+            # (zero-padding past the delta's rank builds CPU tensors in lora_factors_from_delta: CPU there)
+            device = svd_device if rank <= min(base.shape) else torch.device("cpu")
+            a, b, err = lora_factors_from_delta(child.reshape(base.shape).to(device), rank)
+            a, b = a.cpu(), b.cpu()
             prefix = f"base_model.model.model.layers.{key[0]}.mlp.{key[1]}"
             writer.write(f"{prefix}.lora_A.weight", a)
             writer.write(f"{prefix}.lora_B.weight", b)
@@ -194,15 +194,10 @@ def run(cfg: ExpandConfig, progress: bool = True) -> dict:
     prep = json.loads(prep_path.read_text())
     if not prep.get("complete"):
         raise UpcycleError(f"prepare {cfg.prepare}: the prepare stage has not finished; rerun it to complete")
-    selected = select_checkpoints(prep["checkpoints"], cfg.checkpoints)
-    if len(selected) > cfg.num_experts:
-        raise UpcycleError(f"num_experts: {cfg.num_experts} is below the pool size {len(selected)} "
-                           f"(checkpoints={cfg.checkpoints!r} selects {len(selected)}); raise num_experts or select fewer")
-    if not cfg.expansion and len(selected) < cfg.num_experts:
-        raise UpcycleError(f"expansion is off but checkpoints={cfg.checkpoints!r} selects only {len(selected)} of the "
-                           f"{cfg.num_experts} experts; select more (checkpoints=all) or turn expansion on")
-    if len(selected) < 2 and cfg.num_experts > len(selected):
-        raise UpcycleError("expansion needs at least two checkpoints to merge")
+    selected = select_checkpoints(prep["checkpoints"], cfg)
+    problems = cfg.pool_problems(len(selected), at="")  # the same check `upcycle run` makes from the counts alone
+    if problems:
+        raise UpcycleError(*problems)
     base_folder = ModelFolder(prep["base"])
     base_reader = base_folder.reader()
     experts = [open_expert(Path(cfg.prepare) / c["path"]) for c in selected]
