@@ -3,6 +3,8 @@ free space, OS write errors, and a folder that appears mid-run. Each case: a one
 intact, nothing half-written left."""
 
 import errno
+import json
+import shutil
 import os
 import subprocess
 import sys
@@ -209,3 +211,41 @@ def test_atomic_write_text_error_names_the_file(tmp_path, monkeypatch):
     with pytest.raises(UpcycleError, match="run.json.*no space left"):
         atomic_write_text(target, "{}")
     assert not target.exists()
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_refused_run_changes_nothing_in_the_folder_it_refused(llama_dir, tmp_path, capsys):
+    from upcycle.cli import main
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "dense_sft.yaml"
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(f'{{"instruction": "add {i} and 1", "output": "{i + 1}"}}\n' for i in range(16)))
+    out = tmp_path / "run"
+    tiny = [f"base={llama_dir}", f"data.train=[{data}]", f"out={out}", "evaluate=false", "data.max_length=32",
+            "prepare.train.epochs=1", "prepare.save_every=1", "prepare.train.batch_size=8"]
+    assert main(["run", str(recipe), "--quiet", *tiny]) == 0, capsys.readouterr().err
+    before = _snapshot(out)
+    assert json.loads((out / "run.json").read_text())["stages"]["prepare"]["status"] == "done"
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--quiet", *tiny, "prepare.train.lr=5e-4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different prepare config" in err[0] and "--redo prepare" in err[0]
+    assert _snapshot(out) == before  # run.json not marked "running", recipe_resolved.yaml not rewritten
+
+
+@pytest.mark.parametrize("where", ["equal", "inside"])
+def test_run_into_the_base_is_refused(llama_dir, tmp_path, capsys, where):
+    from upcycle.cli import main
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_dir, base)
+    before = _snapshot(base)
+    out = base if where == "equal" else base / "run"
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "dense_sft.yaml"
+    assert main(["run", str(recipe), "--quiet", f"base={base}", f"out={out}", "evaluate=false"]) == 2
+    assert "input" in capsys.readouterr().err
+    assert _snapshot(base) == before

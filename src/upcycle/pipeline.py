@@ -6,7 +6,9 @@ all share `base`, `data` and `seed`). The run manifest (`out/run.json`) records,
 config hash and the content hash of the stage's own manifest when it finished. On a rerun a
 finished stage whose manifest is unchanged is skipped; an unfinished one resumes (each stage
 resumes from its last complete checkpoint); a stage whose folder was made by a different config
-is refused by the stage itself, unless `--redo STAGE` clears it and every stage after it.
+is refused before anything is written, unless `--redo STAGE` clears it and every stage after it.
+One `upcycle run` writes a run folder at a time (a lock beside it, held by rank 0 under torchrun),
+and a run folder may not be, contain or lie inside the base or a data file.
 
 Everything a stage would fail on is refused before any stage runs: each section's own validator
 (config.py), `RunConfig`'s checks across stages (checkpoint counts, the expert pool, a per-stage
@@ -260,46 +262,92 @@ def results_of(cfgs: dict, out: Path) -> dict:
     return {"scores": last.get("scores"), "average": last.get("average"), "model": str(out / "prepare" / last["path"])}
 
 
+def _is_rank_zero() -> bool:
+    """Under torchrun every rank runs the pipeline; only rank 0 owns the run folder's lock and records."""
+    import os
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _inputs_of(cfg: RunConfig) -> list[Path]:
+    """Paths a run reads and must never write over: the base folder and data files (not bundled ones)."""
+    names = [cfg.base, *cfg.data.train, *(cfg.data.eval or [])]
+    return [Path(n) for n in names if not n.startswith("bundled:") and n != "suite"]
+
+
+def _refusals(cfgs: dict, record: dict, out: Path, redo: list[str]) -> list[str]:
+    """Stages whose folder holds another config's work: refused before anything is written."""
+    problems = []
+    for stage, stage_cfg in cfgs.items():
+        done = record["stages"].get(stage)
+        if stage in redo or done is None or not (out / stage).exists():
+            continue
+        if done.get("config_hash") != config_hash(stage_cfg):
+            problems.append(f"out {out / stage}: made by a different {stage} config; rerun with --redo {stage} "
+                            "to replace it (and every stage after it), or choose another out")
+            break  # later stages would be redone anyway
+    return problems
+
+
 def run(cfg: RunConfig, progress: bool = True, redo: list[str] | None = None) -> dict:
+    """Run the recipe's stages in order; a refused run changes nothing in the folder it refused."""
+    import contextlib
+
+    from upcycle.io.atomic import check_not_an_input, output_lock
+
     started = time.perf_counter()
     check_base(cfg)  # the recipe itself was checked when it was built (RunConfig's validators)
     cfgs = stage_configs(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    record_path = out / RUN_MANIFEST
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {"recipe": cfg.recipe, "stages": {}}
-    dump_config(cfg, out / "recipe_resolved.yaml")
-    for name in redo or []:
+    redo = list(redo or [])
+    check_not_an_input(out, _inputs_of(cfg))
+    for name in redo:
         if name not in cfgs:
             raise UpcycleError(f"--redo {name}: not a stage of this recipe ({', '.join(cfgs)})")
-    if redo:
-        first = min(ORDER.index(r) for r in redo)
-        for stage in [s for s in cfgs if ORDER.index(s) >= first]:
-            shutil.rmtree(out / stage, ignore_errors=True)
-            record["stages"].pop(stage, None)
-    for stage, stage_cfg in cfgs.items():
-        folder = out / stage
-        done = record["stages"].get(stage)
-        if done and done.get("status") == "done" and done.get("config_hash") == config_hash(stage_cfg) \
-                and done.get("manifest_sha256") == _stage_digest(folder):
-            if progress:
-                print(f"[{cfg.recipe}] {stage}: done, skipped", flush=True)
-            continue
-        if progress:
-            print(f"[{cfg.recipe}] {stage}: running", flush=True)
-        record["stages"][stage] = {"status": "running", "config_hash": config_hash(stage_cfg)}
-        atomic_write_text(record_path, json.dumps(record, indent=2))
-        t0 = time.perf_counter()
-        _module(stage).run(stage_cfg, progress=progress)
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-            if dist.get_rank() != 0:
+    record_path = out / RUN_MANIFEST
+    with output_lock(out) if _is_rank_zero() else contextlib.nullcontext():
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {"recipe": cfg.recipe, "stages": {}}
+        if not redo:
+            problems = _refusals(cfgs, record, out, redo)
+            if problems:
+                raise UpcycleError(*problems)
+        out.mkdir(parents=True, exist_ok=True)
+        if _is_rank_zero():
+            dump_config(cfg, out / "recipe_resolved.yaml")
+        if redo:
+            first = min(ORDER.index(r) for r in redo)
+            for stage in [s for s in cfgs if ORDER.index(s) >= first]:
+                if _is_rank_zero():
+                    shutil.rmtree(out / stage, ignore_errors=True)
+                record["stages"].pop(stage, None)
+            _barrier()
+        for stage, stage_cfg in cfgs.items():
+            folder = out / stage
+            done = record["stages"].get(stage)
+            if done and done.get("status") == "done" and done.get("config_hash") == config_hash(stage_cfg) \
+                    and done.get("manifest_sha256") == _stage_digest(folder):
+                if progress:
+                    print(f"[{cfg.recipe}] {stage}: done, skipped", flush=True)
                 continue
-        record["stages"][stage] = {"status": "done", "config_hash": config_hash(stage_cfg),
-                                   "manifest_sha256": _stage_digest(folder), "seconds": round(time.perf_counter() - t0, 1)}
-        atomic_write_text(record_path, json.dumps(record, indent=2))
-    result = {"recipe": cfg.recipe, "stages": list(cfgs), **(results_of(cfgs, out) if cfg.evaluate else {}),
-              "seconds": time.perf_counter() - started}
-    atomic_write_text(out / "results.json", json.dumps(result, indent=2, default=str))
+            if progress:
+                print(f"[{cfg.recipe}] {stage}: running", flush=True)
+            record["stages"][stage] = {"status": "running", "config_hash": config_hash(stage_cfg)}
+            if _is_rank_zero():
+                atomic_write_text(record_path, json.dumps(record, indent=2))
+            t0 = time.perf_counter()
+            _module(stage).run(stage_cfg, progress=progress)
+            _barrier()
+            record["stages"][stage] = {"status": "done", "config_hash": config_hash(stage_cfg),
+                                       "manifest_sha256": _stage_digest(folder), "seconds": round(time.perf_counter() - t0, 1)}
+            if _is_rank_zero():
+                atomic_write_text(record_path, json.dumps(record, indent=2))
+        result = {"recipe": cfg.recipe, "stages": list(cfgs), **(results_of(cfgs, out) if cfg.evaluate else {}),
+                  "seconds": time.perf_counter() - started}
+        if _is_rank_zero():
+            atomic_write_text(out / "results.json", json.dumps(result, indent=2, default=str))
     return {"out": str(out), **result}
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
