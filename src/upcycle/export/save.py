@@ -6,7 +6,8 @@ models map to it. A requested format that cannot express the model is refused wi
 `auto` takes the first that can, else the own format (`upcycle.load_moe` reads it back).
 
 Both paths, streaming from a dense checkpoint (stages/build.py) and saving a model in memory
-(`save_moe`), go through `write_moe_folder`: plan, stream the shards, write config and metadata.
+(`save_moe`), go through `write_moe_folder`: plan, stream the shards, write config, metadata and
+the model card (README.md, export/model_card.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -23,11 +25,16 @@ from transformers import AutoConfig
 from upcycle.architectures import FORMAT_PREFERENCE, MOE_FORMATS, OWN_FORMAT, MoEFormat
 from upcycle.config import ExportSpec, MoESpec, parse_size
 from upcycle.errors import UpcycleError
+from upcycle.export.model_card import CardFacts, base_identity, model_card
 from upcycle.export.plan import PlanEntry, build_plan, write_plan
-from upcycle.io.atomic import atomic_dir
+from upcycle.io.atomic import atomic_dir, atomic_write_text
 from upcycle.moe.layer import LayerDims
 
 OWN_META = "upcycle_moe.json"
+PROVENANCE = "upcycle_provenance.json"
+CARD = "README.md"
+# What an exporter's caller may tell the card: how the model was made (CardFacts fields), and the base folder.
+CARD_KEYS = frozenset({"base", "method", "init", "stages", "data", "scores", "tool"})
 OWN_FORMAT_VERSION = 1
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,9 +79,14 @@ def write_moe_folder(
     out: Path, *, target: MoEFormat | str, dense_cfg: dict, spec: MoESpec, moe_layers: list[int],
     passthrough: dict[str, tuple[tuple[int, ...], torch.dtype]], provider: Callable[[tuple], torch.Tensor],
     moe_dtype: torch.dtype, export: ExportSpec, force: bool, extra: Callable[[Path], None] | None = None,
-    provenance: dict | None = None, base_ref: dict | None = None, progress: bool = True,
+    provenance: dict | None = None, base_ref: dict | None = None, progress: bool = True, card: dict | None = None,
 ) -> dict:
-    """Plan, stream and finish one output folder atomically. Returns a summary for reports."""
+    """Plan, stream and finish one output folder atomically. Returns a summary for reports.
+
+    The model card draws on `provenance` and `card` (what made the model: base, method, init,
+    stages, data, scores; keys of CardFacts); its facts are kept in the provenance file so that
+    `update_card` can add scores measured later.
+    """
     dims = LayerDims(dense_cfg["hidden_size"], dense_cfg["intermediate_size"], spec)
     out_dtype = TORCH_DTYPES.get(export.dtype)
     compact = target == OWN_FORMAT and spec.expert_type == "lora" and export.lora_storage == "compact"
@@ -82,6 +94,18 @@ def write_moe_folder(
                                        moe_dtype, out_dtype, compact=compact)
     if target != OWN_FORMAT:
         config = native_config(target, dense_cfg, spec, dims, moe_layers, out_dtype)
+    unknown = set(card or {}) - CARD_KEYS
+    if unknown:
+        raise TypeError(f"write_moe_folder: card keys {sorted(unknown)} are not among {sorted(CARD_KEYS)}")
+    made = {**(provenance or {}), **(card or {})}
+    base_model, base_card = base_identity(made.get("base"), dense_cfg)
+    facts = CardFacts(
+        name=Path(out).name, spec=spec.model_dump(mode="json"), format=format_name(target),
+        model_class=None if target == OWN_FORMAT else target.hf_class, moe_layers=len(moe_layers),
+        num_layers=dense_cfg["num_hidden_layers"], parameters=parameter_counts(plan, spec),
+        dtype=str(out_dtype or moe_dtype).removeprefix("torch."), base_model=base_model, base_card=base_card,
+        compact_base=base_ref["path"] if compact and base_ref else None,
+        **{k: made[k] for k in CARD_KEYS - {"base"} if made.get(k) is not None})
     started = time.perf_counter()
     with atomic_dir(out, force=force) as tmp:
         files = write_plan(plan, tmp, parse_size(export.max_shard_size), provider, progress=progress,
@@ -93,14 +117,25 @@ def write_moe_folder(
             (tmp / OWN_META).write_text(json.dumps(meta, indent=2, default=str))
         else:
             config.to_json_file(tmp / "config.json")
-        if provenance is not None:
-            (tmp / "upcycle_provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
         if extra is not None:
             extra(tmp)
+        (tmp / PROVENANCE).write_text(json.dumps({**(provenance or {}), "card": asdict(facts)}, indent=2, default=str))
+        (tmp / CARD).write_text(model_card(facts))  # after `extra`: a base's README copied there is replaced
     return {
-        "format": format_name(target), "files": files, "tensors": len(plan), "parameters": parameter_counts(plan, spec),
+        "format": format_name(target), "files": files, "tensors": len(plan), "parameters": facts.parameters,
         "bytes": sum(e.planned().nbytes for e in plan), "write_seconds": time.perf_counter() - started,
     }
+
+
+def update_card(folder: str | Path, **changes) -> str:
+    """Rewrite an exported folder's card with more facts (e.g. scores=...); returns the new text."""
+    folder = Path(folder)
+    record = json.loads((folder / PROVENANCE).read_text())
+    facts = CardFacts(**{**record["card"], **changes})
+    text = model_card(facts)
+    atomic_write_text(folder / PROVENANCE, json.dumps({**record, "card": asdict(facts)}, indent=2, default=str))
+    atomic_write_text(folder / CARD, text)
+    return text
 
 
 ROUTED_ROLES = ("expert", "lora_A", "lora_B")
@@ -116,10 +151,12 @@ def parameter_counts(plan: list[PlanEntry], spec: MoESpec) -> dict[str, int]:
 
 def save_moe(model, out: str | Path, format: str = "auto", dtype: str = "auto", max_shard_size: str = "2GB",
              lora_storage: str = "materialize", force: bool = False, tokenizer=None, base_path: str | Path | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, card: dict | None = None) -> dict:
     """Save an in-memory MoE (from `upcycle_model`) as a native transformers MoE or the own format.
 
     For compact LoRA storage, `base_path` names the dense folder the adapters are loaded back onto.
+    `card` adds what the model card should say about how the model was made (keys of
+    model_card.CardFacts: base, method, init, stages, data, scores, tool).
     """
     from upcycle.io.model_folder import ModelFolder
     from upcycle.moe.model import moe_blocks
@@ -161,5 +198,5 @@ def save_moe(model, out: str | Path, format: str = "auto", dtype: str = "auto", 
         Path(out), target=target, dense_cfg=dense_cfg, spec=spec, moe_layers=moe_layers, passthrough=passthrough,
         provider=provider, moe_dtype=moe_dtype, export=export, force=force, extra=extra,
         provenance={"tool": "upcycle", "source": "save_moe", "spec": spec.model_dump(mode="json")},
-        base_ref=base_ref, progress=progress,
+        base_ref=base_ref, progress=progress, card=card,
     )
