@@ -249,3 +249,43 @@ def test_run_into_the_base_is_refused(llama_dir, tmp_path, capsys, where):
     assert main(["run", str(recipe), "--quiet", f"base={base}", f"out={out}", "evaluate=false"]) == 2
     assert "input" in capsys.readouterr().err
     assert _snapshot(base) == before
+
+
+@pytest.mark.parametrize("where", ["equal", "inside", "parent"])
+def test_build_never_writes_over_its_base(llama_dir, tmp_path, capsys, where):
+    """`upcycle build --base P/base --out P --force` used to delete the base model."""
+    from upcycle.cli import main
+
+    base = tmp_path / "models" / "base"
+    shutil.copytree(llama_dir, base)
+    before = _snapshot(base)
+    out = {"equal": base, "inside": base / "moe", "parent": base.parent}[where]
+    code = main(["build", "--quiet", "--base", str(base), "--out", str(out), "--num-experts", "2", "--top-k", "1", "--force"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "input" in err[0], err
+    assert _snapshot(base) == before and sorted(p.name for p in base.parent.iterdir()) == ["base"]
+
+
+def test_build_far_larger_than_its_base_asks_for_force(llama_dir, tmp_path, capsys):
+    from upcycle.cli import main
+
+    out = tmp_path / "huge"
+    code = main(["build", "--quiet", "--base", str(llama_dir), "--out", str(out), "--num-experts", "100000", "--top-k", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--force" in err[0] and "GB" in err[0], err
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_concurrent_build_to_the_same_out_is_refused(llama_dir, tmp_path, capsys):
+    from upcycle.cli import main
+
+    out = tmp_path / "moe"
+    holder = _hold_lock(out, tmp_path / "ready")
+    try:
+        code = main(["build", "--quiet", "--base", str(llama_dir), "--out", str(out), "--num-experts", "2", "--top-k", "1"])
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"pid {holder.pid}" in err[0], err
+    assert not out.exists()

@@ -37,6 +37,7 @@ HARMLESS_UNKNOWN: dict[str, Any] = {
     "_name_or_path": ANY, "model_type": ANY, "output_attentions": ANY, "_commit_hash": ANY,
     "_attn_implementation_autoset": ANY,
     "is_llama_config": ANY,      # nanotron's marker (SmolLM2)
+    "_model_name_or_path": ANY, "unk_token_id": ANY,  # written by transformers' GGUF loader (the bundled SmolLM2)
     "rope_interleaved": False,   # nanotron; True rotates GPT-J style, which no stock class does
     "use_mrope": False,          # Qwen2.5; True is Qwen2-VL's multimodal RoPE
     "sliding_window": None,      # a null window in a family that has none (Llama)

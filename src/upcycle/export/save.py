@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from transformers import AutoConfig
@@ -27,7 +27,7 @@ from upcycle.config import ExportSpec, MoESpec, parse_size
 from upcycle.errors import UpcycleError
 from upcycle.export.model_card import CardFacts, base_identity, model_card
 from upcycle.export.plan import PlanEntry, build_plan, write_plan
-from upcycle.io.atomic import atomic_dir, atomic_write_text
+from upcycle.io.atomic import atomic_dir, check_output_size, atomic_write_text
 from upcycle.moe.layer import LayerDims
 
 OWN_META = "upcycle_moe.json"
@@ -80,6 +80,7 @@ def write_moe_folder(
     passthrough: dict[str, tuple[tuple[int, ...], torch.dtype]], provider: Callable[[tuple], torch.Tensor],
     moe_dtype: torch.dtype, export: ExportSpec, force: bool, extra: Callable[[Path], None] | None = None,
     provenance: dict | None = None, base_ref: dict | None = None, progress: bool = True, card: dict | None = None,
+    inputs: Iterable[str | Path | None] = (), input_bytes: int | None = None,
 ) -> dict:
     """Plan, stream and finish one output folder atomically. Returns a summary for reports.
 
@@ -106,8 +107,11 @@ def write_moe_folder(
         dtype=str(out_dtype or moe_dtype).removeprefix("torch."), base_model=base_model, base_card=base_card,
         compact_base=base_ref["path"] if compact and base_ref else None,
         **{k: made[k] for k in CARD_KEYS - {"base"} if made.get(k) is not None})
+    planned_bytes = sum(e.planned().nbytes for e in plan)
+    if input_bytes is not None:
+        check_output_size(Path(out), planned_bytes, input_bytes, force)
     started = time.perf_counter()
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=inputs, planned_bytes=planned_bytes) as tmp:
         files = write_plan(plan, tmp, parse_size(export.max_shard_size), provider, progress=progress,
                            desc=f"writing {format_name(target)}")
         if target == OWN_FORMAT:
@@ -123,7 +127,7 @@ def write_moe_folder(
         (tmp / CARD).write_text(model_card(facts))  # after `extra`: a base's README copied there is replaced
     return {
         "format": format_name(target), "files": files, "tensors": len(plan), "parameters": facts.parameters,
-        "bytes": sum(e.planned().nbytes for e in plan), "write_seconds": time.perf_counter() - started,
+        "bytes": planned_bytes, "write_seconds": time.perf_counter() - started,
     }
 
 

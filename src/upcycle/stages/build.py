@@ -63,7 +63,7 @@ class BuildPlan:
         except UpcycleError as e:
             problems.extend(e.problems)
         try:
-            check_output_dir(Path(cfg.out), cfg.force)
+            check_output_dir(Path(cfg.out), cfg.force, inputs=[cfg.base])
         except UpcycleError as e:
             problems.extend(e.problems)
         if problems:
@@ -136,11 +136,12 @@ def run(cfg: BuildConfig, progress: bool = True) -> dict:
     if plan.target == OWN_FORMAT and cfg.moe.expert_type == "lora" and cfg.export.lora_storage == "compact":
         base_ref = {"path": str(Path(cfg.base).resolve()), "fingerprint": plan.folder.fingerprint()}
     provenance = {"tool": "upcycle build", "base": str(Path(cfg.base).resolve()), "base_fingerprint": plan.folder.fingerprint(),
-                  "seed": cfg.seed, "moe_layers": plan.moe_layers}
+                  "seed": cfg.seed, "moe_layers": plan.moe_layers, "init": cfg.init.model_dump(mode="json")}
     written = write_moe_folder(
         Path(cfg.out), target=plan.target, dense_cfg=plan.folder.config, spec=cfg.moe, moe_layers=plan.moe_layers,
         passthrough=plan.passthrough, provider=provider, moe_dtype=plan.moe_dtype(), export=cfg.export,
         force=cfg.force, extra=extra, provenance=provenance, base_ref=base_ref, progress=progress,
+        inputs=[cfg.base], input_bytes=sum(f.stat().st_size for f in plan.folder.weight_files),
     )
     return {
         **written,
