@@ -18,15 +18,19 @@ from upcycle.moe.router import Router
 
 
 class MoEBlock(nn.Module):
-    def __init__(self, spec: MoESpec, hidden_size: int, intermediate_size: int, hidden_act: str):
+    def __init__(self, spec: MoESpec, hidden_size: int, intermediate_size: int, hidden_act: str,
+                 experts_implementation: str | None = None):
+        """experts_implementation: auto | eager | grouped (see moe/experts.py); None: the process default."""
         super().__init__()
         self.spec = spec
         self.dims = LayerDims(hidden_size, intermediate_size, spec)
         self.router = Router(hidden_size, spec.num_experts, spec.top_k, spec.routing, spec.router_jitter)
         if spec.expert_type == "lora":
-            self.experts = LoRAExperts(spec.num_experts, hidden_size, intermediate_size, hidden_act, spec.lora)
+            self.experts = LoRAExperts(spec.num_experts, hidden_size, intermediate_size, hidden_act, spec.lora,
+                                       experts_implementation)
         else:
-            self.experts = MLPExperts(spec.num_experts, hidden_size, self.dims.expert_width, hidden_act)
+            self.experts = MLPExperts(spec.num_experts, hidden_size, self.dims.expert_width, hidden_act,
+                                      experts_implementation)
         self.shared_experts = SharedExperts(hidden_size, self.dims.shared_width, hidden_act) if spec.num_shared_experts else None
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if spec.num_shared_experts and spec.shared_expert_gate else None
         self.last_router_logits: torch.Tensor | None = None

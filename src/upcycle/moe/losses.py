@@ -25,14 +25,11 @@ def _token_mask(attention_mask: torch.Tensor | None, rows: int, device) -> torch
     return mask
 
 
-def _balance_sums(logits: torch.Tensor, top_k: int, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-expert (top-k assignment count, probability sum) over the unmasked tokens of one layer."""
-    probs = torch.softmax(logits.float(), dim=-1)  # (T, N)
-    _, chosen = torch.topk(probs, top_k, dim=-1)  # (T, k)
-    counts = torch.zeros(logits.shape[-1], device=logits.device, dtype=torch.float32)
-    counts = counts.scatter_add(0, chosen.reshape(-1), mask.repeat_interleave(top_k))
-    prob_sum = (probs * mask.unsqueeze(-1)).sum(dim=0)
-    return counts, prob_sum
+def _stacked(router_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(L, T, N) fp32: every layer at once, so each step below is one kernel rather than one per layer."""
+    if not router_logits:
+        raise ValueError("no router logits: the model has no MoE layer or ran no forward pass")
+    return torch.stack([l.float() for l in router_logits])
 
 
 def load_balancing_loss(
@@ -42,27 +39,29 @@ def load_balancing_loss(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """router_logits: one (T, N) tensor per MoE layer. Padding tokens (mask 0) are left out."""
-    if not router_logits:
-        raise ValueError("no router logits: the model has no MoE layer or ran no forward pass")
-    num_experts = router_logits[0].shape[-1]
-    mask = _token_mask(attention_mask, router_logits[0].shape[0], router_logits[0].device)
+    logits = _stacked(router_logits)  # (L, T, N)
+    layers, rows, num_experts = logits.shape
+    mask = _token_mask(attention_mask, rows, logits.device)  # (T,)
     tokens = mask.sum().clamp_min(1.0)
-    sums = [_balance_sums(logits, top_k, mask) for logits in router_logits]
+    probs = torch.softmax(logits, dim=-1)  # (L, T, N)
+    chosen = torch.topk(probs, top_k, dim=-1).indices  # (L, T, k)
+    # Per layer and expert: top-k assignment count and probability sum over the unmasked tokens.
+    counts = torch.zeros(layers, num_experts, device=logits.device, dtype=torch.float32)
+    counts = counts.scatter_add(1, chosen.reshape(layers, -1), mask.repeat_interleave(top_k).expand(layers, -1))
+    prob_sum = (probs * mask[:, None]).sum(dim=1)  # (L, N)
     if scope == "global":
-        counts = torch.stack([c for c, _ in sums]).sum(0)
-        prob_sum = torch.stack([p for _, p in sums]).sum(0)
-        layers = len(sums)
-        return num_experts * torch.sum((counts / (tokens * layers)) * (prob_sum / (tokens * layers)))
-    per_layer = [num_experts * torch.sum((c / tokens) * (p / tokens)) for c, p in sums]
-    return torch.stack(per_layer).mean()
+        total = tokens * layers
+        return num_experts * torch.sum((counts.sum(0) / total) * (prob_sum.sum(0) / total))
+    per_layer = num_experts * torch.sum((counts / tokens) * (prob_sum / tokens), dim=-1)  # (L,)
+    return per_layer.mean()
 
 
 def router_z_loss(router_logits: Sequence[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2, averaged over layers."""
-    mask = _token_mask(attention_mask, router_logits[0].shape[0], router_logits[0].device)
-    per_layer = [(torch.logsumexp(l.float(), dim=-1).square() * mask).sum() / mask.sum().clamp_min(1.0)
-                 for l in router_logits]
-    return torch.stack(per_layer).mean()
+    logits = _stacked(router_logits)  # (L, T, N)
+    mask = _token_mask(attention_mask, logits.shape[1], logits.device)
+    per_layer = (torch.logsumexp(logits, dim=-1).square() * mask).sum(dim=-1) / mask.sum().clamp_min(1.0)  # (L,)
+    return per_layer.mean()
 
 
 def expert_load(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
