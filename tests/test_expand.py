@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from upcycle.experts import open_expert
 from upcycle.merge import ops
 from upcycle.seeding import generator
 from upcycle.stages import expand
+from tests.test_merge_cli import recover_dare_masks
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 H, I, L = 8, 12, 2
@@ -33,7 +35,8 @@ def base_dir(tmp_path):
     g = torch.Generator().manual_seed(0)
     save_file({mlp_name(l, p): torch.randn(shape(p), generator=g) for l in range(L) for p in PROJS},
               d / "model.safetensors", metadata={"format": "pt"})
-    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 16, "hidden_size": H,
+                                               "intermediate_size": I, "num_hidden_layers": L, "num_attention_heads": 2}))
     return d
 
 
@@ -85,28 +88,40 @@ def test_most_dissimilar_pair_is_chosen(tmp_path, base_dir):
     assert (tmp_path / "out" / "similarity.png").stat().st_size > 1000
 
 
-def test_child_follows_the_dare_definition_and_grows_the_pool(tmp_path, base_dir):
+def check_children(out, base_dir, drop_p):
+    """Every child against the definition tau_child = DARE(alpha tau_j) + DARE((1 - alpha) tau_k), with the
+    parents the lineage names (per layer when it names them per layer): each entry must be one of 0,
+    alpha tau_j / (1-p), (1-alpha) tau_k / (1-p) or their sum. Returns the keep masks, (2, entries) over all
+    children, for their statistics."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    base = load_file(base_dir / "model.safetensors")
+    weights = [load_file(next(iter(sorted(Path(e["path"]).glob("*.safetensors"))))) for e in manifest["experts"]]
+    masks = []
+    for r in manifest["lineage"]:
+        assert 0 < r["alpha"] < 1 and r["drop_p"] == drop_p
+        for l in range(L):
+            j, k = r["parents"][str(l)] if isinstance(r["parents"], dict) else r["parents"]
+            for p in PROJS:
+                n = mlp_name(l, p)
+                tj, tk, child = (weights[i][n] - base[n] for i in (j, k, r["child"]))
+                masks.append(recover_dare_masks(child, [r["alpha"] * tj / (1 - drop_p), (1 - r["alpha"]) * tk / (1 - drop_p)],
+                                                tol=1e-4))
+    return torch.cat(masks, dim=1)
+
+
+def test_children_follow_the_dare_definition_and_grow_the_pool(tmp_path, base_dir):
     prep = fake_prepare(tmp_path, base_dir, [random_tv(s) for s in range(4)])
     cfg = ExpandConfig(prepare=prep, out=tmp_path / "out", num_experts=7, checkpoints="all", seed=5, drop_p=0.3)
     summary = expand.run(cfg, progress=False)
     assert summary["experts"] == 7 and summary["children"] == 3
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    rounds = manifest["lineage"]
+    rounds = json.loads((tmp_path / "out" / "manifest.json").read_text())["lineage"]
     # children can be parents: the pool grows, and round r sees an (4 + r)-square similarity matrix
-    assert [len(r["similarity_before"]) for r in rounds] == [4, 5, 6]
-    base = load_file(base_dir / "model.safetensors")
-    pool = [open_expert(e["path"]) for e in manifest["experts"]]
-    r = rounds[0]
-    j, k = r["parents"]
-    for l in range(L):
-        for p in PROJS:
-            name = mlp_name(l, p)
-            tj = pool[j].tau((l, p), base[name]).reshape(-1)
-            tk = pool[k].tau((l, p), base[name]).reshape(-1)
-            expected = (r["alpha"] * ops.dare(tj, 0.3, generator(5, "expand", 0, name, "j"))
-                        + (1 - r["alpha"]) * ops.dare(tk, 0.3, generator(5, "expand", 0, name, "k")))
-            got = pool[4].tau((l, p), base[name]).reshape(-1)
-            assert torch.allclose(got, expected, atol=1e-5)
+    assert [len(r["similarity_before"]) for r in rounds] == [4, 5, 6] and [r["child"] for r in rounds] == [4, 5, 6]
+    assert len({r["alpha"] for r in rounds}) == 3  # a fresh alpha ~ U(0, 1) per child
+    masks = check_children(tmp_path / "out", base_dir, 0.3)
+    # 3 children x 576 entries per parent: each keeps 1 - p = 0.7 (sd 0.011), the two masks independently (0.49).
+    assert torch.allclose(masks.float().mean(1), torch.tensor([0.7, 0.7]), atol=0.045)
+    assert (masks[0] & masks[1]).float().mean().item() == pytest.approx(0.49, abs=0.05)
 
 
 def test_same_seed_same_experts_other_seed_other_children(tmp_path, base_dir):
@@ -120,15 +135,36 @@ def test_same_seed_same_experts_other_seed_other_children(tmp_path, base_dir):
     assert runs["a"][0][3:] != runs["c"][0][3:] and runs["a"][1] != runs["c"][1]
 
 
-def test_random_parents_and_per_layer_options(tmp_path, base_dir):
+def test_per_layer_parents_are_each_layers_most_distant_pair(tmp_path, base_dir):
+    """Layer 0: tau = a, a + b, a + 10b (farthest: 0 and 2); layer 1: a, a + 10b, a + b (farthest: 0 and 1).
+    Over both layers the farthest pair is (1, 2), so a per-layer choice differs from the global one in each layer."""
+    a, b = random_tv(1), random_tv(2)
+    steps = {0: (0, 1, 10), 1: (0, 10, 1)}
+    tvs = [lambda l, p, i=i: a(l, p) + steps[l][i] * b(l, p) for i in range(3)]
+    prep = fake_prepare(tmp_path, base_dir, tvs)
+    for per_layer, expected in ((True, {"0": [0, 2], "1": [0, 1]}), (False, [1, 2])):
+        out = tmp_path / f"per_layer_{per_layer}"
+        expand.run(ExpandConfig(prepare=prep, out=out, num_experts=4, checkpoints="all", per_layer=per_layer,
+                                similarity="l2"), progress=False)
+        (record,) = json.loads((out / "lineage.json").read_text())["rounds"]
+        assert record["parents"] == expected and record["metric"] == "l2"
+        check_children(out, base_dir, 0.5)  # each layer's child made from that layer's parents
+
+
+def test_random_parents_are_drawn_by_seed_not_by_similarity(tmp_path, base_dir):
     prep = fake_prepare(tmp_path, base_dir, [random_tv(s) for s in range(4)])
-    expand.run(ExpandConfig(prepare=prep, out=tmp_path / "r", num_experts=6, checkpoints="all", parents="random"), progress=False)
-    expand.run(ExpandConfig(prepare=prep, out=tmp_path / "p", num_experts=5, checkpoints="all", per_layer=True,
-                            similarity="l2"), progress=False)
-    rounds = json.loads((tmp_path / "r" / "lineage.json").read_text())["rounds"]
-    assert all(r["parent_choice"] == "random" for r in rounds)
-    per_layer = json.loads((tmp_path / "p" / "lineage.json").read_text())["rounds"][0]["parents"]
-    assert isinstance(per_layer, (list, dict))
+    pairs = {}
+    for name, parents, seed in (("greedy", "most_dissimilar", 0), ("r0", "random", 0), ("r0again", "random", 0),
+                                ("r1", "random", 1)):
+        expand.run(ExpandConfig(prepare=prep, out=tmp_path / name, num_experts=7, checkpoints="all", parents=parents,
+                                seed=seed), progress=False)
+        rounds = json.loads((tmp_path / name / "lineage.json").read_text())["rounds"]
+        assert all(r["parent_choice"] == parents for r in rounds)
+        pairs[name] = [tuple(r["parents"]) for r in rounds]
+        assert all(0 <= i < j < 4 + r for r, (i, j) in enumerate(pairs[name]))  # two distinct experts of the pool then
+        check_children(tmp_path / name, base_dir, 0.5)
+    assert pairs["r0"] == pairs["r0again"]
+    assert pairs["r0"] != pairs["greedy"] and pairs["r1"] != pairs["r0"]
 
 
 def test_lora_children_merge_in_delta_space(tmp_path, base_dir):

@@ -1,6 +1,10 @@
 """Initializers: weight-scaling factors, virtual groups, Drop-Upcycling, determinism."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -132,8 +136,23 @@ def test_drop_experts_differ_and_are_deterministic():
     assert not torch.equal(other_seed.gate, experts[0].gate)
 
 
-def test_generators_depend_on_name_not_order():
-    a = torch.randn(3, generator=generator(0, "layer", 1, "router"))
+def test_generators_depend_on_seed_and_name_not_on_other_draws():
+    """A draw is a function of (seed, name) alone: other generators' draws and the global RNG leave it unchanged,
+    every part of the name and the seed change it, and a fresh process draws the same (no salted hash())."""
+    def draw(*key):
+        return torch.randn(8, generator=generator(*key)).tolist()
+
+    torch.manual_seed(0)
+    a = draw(0, "layer", 1, "router")
     torch.randn(100, generator=generator(0, "layer", 0, "router"))
-    b = torch.randn(3, generator=generator(0, "layer", 1, "router"))
-    assert torch.equal(a, b)
+    torch.manual_seed(1)
+    torch.randn(100)
+    assert draw(0, "layer", 1, "router") == a
+    for other in [(1, "layer", 1, "router"), (0, "layer", 0, "router"), (0, "layer", 1, "expert"), (0, "layer", 1)]:
+        assert draw(*other) != a, other
+    code = "import json, torch; from upcycle.seeding import generator; " \
+           "print(json.dumps(torch.randn(8, generator=generator(0, 'layer', 1, 'router')).tolist()))"
+    for hash_seed in ("1", "2"):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        assert json.loads(proc.stdout) == a

@@ -60,21 +60,36 @@ def test_block_matches_stock_class(tmp_path, token_ids, model_type):
     assert aux.item() == pytest.approx(ref.aux_loss.item(), rel=1e-5)
 
 
-def test_training_loss_adds_coefficient_times_aux(tmp_path, token_ids):
+def router_weights(model):
+    """Each MoE layer's router weight (N, hidden): ours `mlp.router`, transformers' `mlp.gate`."""
+    return [(layer.mlp.router if hasattr(layer.mlp, "router") else layer.mlp.gate).weight for layer in model.model.layers]
+
+
+def test_training_loss_and_router_gradients_equal_stock_with_aux_loss(tmp_path, token_ids):
+    """loss = LM + coef * aux, and its gradient reaches the router weights through the aux loss exactly as in
+    transformers: the router gradients match stock Mixtral's with coef 0.5, and the aux loss's share of them
+    (coef 0.5 minus coef 0) is far larger than the tolerance, so a detached aux loss would fail."""
     stock = stock_model("mixtral")
     stock.save_pretrained(tmp_path / "stock")
     ours = load_moe(tmp_path / "stock")
-    ours.upcycle_spec = ours.upcycle_spec.model_copy(update={"aux_loss_scope": "global", "aux_loss_coef": 0.5})
-    ours.train()
-    stock.train()
-    stock.config.router_aux_loss_coef = 0.5
-    stock.router_aux_loss_coef = 0.5
-    out = ours(token_ids, labels=token_ids)
-    ref = stock(token_ids, labels=token_ids, output_router_logits=True)
-    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
-    # Gradients reach the routers through the aux loss.
-    out.loss.backward()
-    assert ours.model.layers[0].mlp.router.weight.grad.abs().sum() > 0
+    grads = {}
+    for coef in (0.0, 0.5):
+        ours.upcycle_spec = ours.upcycle_spec.model_copy(update={"aux_loss_scope": "global", "aux_loss_coef": coef})
+        stock.config.router_aux_loss_coef = stock.router_aux_loss_coef = coef
+        for name, model in (("ours", ours), ("stock", stock)):
+            model.train()
+            model.zero_grad()
+            kwargs = {"output_router_logits": True} if name == "stock" else {}
+            out = model(token_ids, labels=token_ids, **kwargs)
+            out.loss.backward()
+            grads[name, coef] = [w.grad.clone() for w in router_weights(model)]
+            grads[name, coef, "loss"] = out.loss.item()
+    assert grads["ours", 0.5, "loss"] == pytest.approx(grads["stock", 0.5, "loss"], rel=1e-5)
+    assert grads["ours", 0.5, "loss"] != pytest.approx(grads["ours", 0.0, "loss"], rel=1e-4)
+    for layer, (g_ours, g_stock, g_lm) in enumerate(zip(grads["ours", 0.5], grads["stock", 0.5], grads["stock", 0.0])):
+        aux_share = (g_stock - g_lm).abs().max().item()
+        assert aux_share > 1e-3, layer
+        assert (g_ours - g_stock).abs().max().item() < 1e-3 * aux_share, layer
 
 
 def test_generate_matches_stock(tmp_path):

@@ -40,18 +40,45 @@ def test_load_balancing_raises_expert_load_entropy(llama_dir, data_file, tmp_pat
     assert h_on > h_off + 0.05, (h_off, h_on)
 
 
-def test_export_matches_the_trained_model(llama_dir, data_file, tmp_path):
-    from transformers import AutoModelForCausalLM
+class LogitsAt:
+    """A TrainerCallback that records the in-memory model's logits on `ids` when training begins and ends."""
 
+    def __init__(self, ids):
+        self.ids, self.logits = ids, {}
+
+    def __getattr__(self, name):  # every other callback event: do nothing
+        return lambda *a, **k: None
+
+    def _record(self, when, model):
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            self.logits[when] = model(self.ids).logits.clone()
+        model.train(was_training)
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self._record("begin", model)
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        self._record("end", model)
+
+
+def test_export_matches_the_trained_model(llama_dir, data_file, tmp_path):
+    """The exported folder, loaded by the stock Mixtral class, gives the logits of the model as training left
+    it in memory (LoRA experts folded into full ones), which differ from the model before training."""
+    from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+    ids = torch.randint(6, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    seen = LogitsAt(ids)
     s = post_train.run(pt_cfg(llama_dir, tmp_path / "p", data_file, "moe.expert_type=lora", "export.format=mixtral"),
-                       progress=False)
+                       progress=False, callbacks=[seen])
     assert s["export"]["format"] == "mixtral"
     stock = AutoModelForCausalLM.from_pretrained(s["model"])
-    from upcycle.export.load import load_moe
-    reloaded = load_moe(s["model"])
-    ids = torch.randint(6, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert type(stock) is MixtralForCausalLM
     with torch.no_grad():
-        assert (stock(ids).logits - reloaded(ids).logits).abs().max() < 1e-5
+        exported = stock.eval()(ids).logits
+    assert (seen.logits["end"] - seen.logits["begin"]).abs().max() > 1e-2  # training changed the model
+    assert (exported - seen.logits["end"]).abs().max() < 1e-4
 
 
 class PoisonAfter:

@@ -29,6 +29,13 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+WEIGHT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+"""What a model's weights may be stored as. Integer and 8-bit float tensors are quantized weights
+(int8, GPTQ, FP8): copying them into experts or merging them as if they were weights writes a
+different model (int8 routers come out all zero), so they are refused until dequantized."""
+QUANTIZED_DTYPES = frozenset({"I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64", "BOOL", "F8_E4M3",
+                              "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4", "C64"})
+"""The other dtypes the safetensors format defines: named as such in the refusal, not as corruption."""
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -41,8 +48,48 @@ class TensorInfo:
     nbytes: int
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and check a safetensors header: {name: TensorInfo}, metadata."""
+def check_dtype(path: Path, name: str, code: str, allowed: frozenset[str] = WEIGHT_DTYPES) -> None:
+    """Refuse a tensor stored as `code` (a safetensors dtype name, e.g. DTYPE_NAMES[t.dtype]) outside `allowed`."""
+    if code not in allowed:
+        raise UpcycleError(f"{path}: tensor {name!r} is stored as {code}; upcycle reads weights in "
+                           f"{', '.join(sorted(allowed))} only: dequantize the checkpoint first (e.g. load it with "
+                           "transformers and save_pretrained in bfloat16)")
+
+
+def _is_count(x) -> bool:
+    """A JSON non-negative integer (not a bool, not a float such as 2.5 that int() would truncate)."""
+    return type(x) is int and x >= 0
+
+
+def _entry(path: Path, name: str, entry, allowed: frozenset[str]) -> tuple[str, tuple[int, ...], int, int]:
+    """One header entry checked: (dtype code, shape, begin, end) relative to the data section."""
+    bad = f"{path}: corrupted safetensors header: tensor {name!r}"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise UpcycleError(f"{bad} needs dtype, shape and data_offsets; re-download or re-save the file")
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise UpcycleError(f"{bad} has shape {shape!r}; dimensions must be non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(x) for x in offsets) or offsets[0] > offsets[1]:
+        raise UpcycleError(f"{bad} has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end")
+    if code in DTYPES or code in QUANTIZED_DTYPES:
+        check_dtype(path, name, code, allowed)
+    if code not in allowed:
+        raise UpcycleError(f"{bad} has unknown dtype {code!r}")
+    begin, end = offsets
+    itemsize = torch.empty((), dtype=DTYPES[code]).element_size()
+    if end - begin != math.prod(shape) * itemsize:
+        raise UpcycleError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} ({code}); "
+                           "the file is corrupted")
+    return code, tuple(shape), begin, end
+
+
+def read_header(path: Path, allowed: frozenset[str] = WEIGHT_DTYPES) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check a safetensors header: {name: TensorInfo}, metadata.
+
+    The checks are the reference library's (tensors tile the data section exactly, no overlap, no
+    gap, no trailing bytes) plus the dtype policy `allowed`, so a file either loads in transformers
+    and here alike, or is refused here with its name and the offending tensor before anything is written.
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -55,37 +102,41 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             header = json.loads(f.read(header_len))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UpcycleError(f"{path}: corrupted safetensors header (not JSON); re-download or re-save it") from None
+    except RecursionError:
+        raise UpcycleError(f"{path}: corrupted safetensors header (JSON nested too deeply); re-download or re-save it") from None
     if not isinstance(header, dict):
-        raise UpcycleError(f"{path}: corrupted safetensors header")
-    metadata = header.pop("__metadata__", {}) or {}
+        raise UpcycleError(f"{path}: corrupted safetensors header (a JSON {type(header).__name__}, not a mapping of tensors)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UpcycleError(f"{path}: corrupted safetensors header: __metadata__ must map strings to strings")
     data_start = 8 + header_len
+    entries = sorted(((_entry(path, name, entry, allowed), name) for name, entry in header.items()), key=lambda e: e[0][2:])
     infos: dict[str, TensorInfo] = {}
-    end_max = 0
-    for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise UpcycleError(f"{path}: corrupted safetensors header entry for {name!r}") from None
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if end - begin != math.prod(shape) * itemsize or begin < 0:
-            raise UpcycleError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {list(shape)}; the file is corrupted")
-        end_max = max(end_max, end)
-        infos[name] = TensorInfo(path, dtype, shape, data_start + begin, end - begin)
-    if data_start + end_max > size:
-        raise UpcycleError(f"{path}: truncated safetensors file ({size} bytes, header needs {data_start + end_max}); "
+    at, previous = 0, None
+    for (code, shape, begin, end), name in entries:
+        if begin != at:
+            before = f"tensor {previous!r} ends at byte {at}" if previous else "the data starts at byte 0"
+            raise UpcycleError(f"{path}: corrupted safetensors header: tensor {name!r} starts at byte {begin} but {before} "
+                               f"({'an overlap' if begin < at else 'a gap'}); re-download or re-save the file")
+        infos[name] = TensorInfo(path, DTYPES[code], shape, data_start + begin, end - begin)
+        at, previous = end, name
+    if data_start + at > size:
+        raise UpcycleError(f"{path}: truncated safetensors file ({size} bytes, header needs {data_start + at}); "
                            "re-download or re-save it")
-    return infos, metadata
+    if data_start + at < size:
+        raise UpcycleError(f"{path}: corrupted safetensors file: {size - data_start - at} bytes after the last tensor "
+                           "that no header entry covers; re-download or re-save it")
+    return {name: infos[name] for name in header}, metadata
 
 
 class SafetensorsReader:
-    """All tensors of one or more safetensors files, read lazily by name."""
+    """All tensors of one or more safetensors files, read lazily by name; every header is checked
+    when the reader is made. `dtypes`: the dtype codes accepted (model weights by default)."""
 
-    def __init__(self, files: Iterable[Path]):
+    def __init__(self, files: Iterable[Path], dtypes: frozenset[str] = WEIGHT_DTYPES):
         self.tensors: dict[str, TensorInfo] = {}
         for path in files:
-            infos, _ = read_header(Path(path))
+            infos, _ = read_header(Path(path), dtypes)
             for name, info in infos.items():
                 if name in self.tensors:
                     raise UpcycleError(f"{path}: tensor {name!r} also appears in {self.tensors[name].file}")

@@ -41,8 +41,8 @@ METHODS: dict[str, MergeMethod] = {
 class MergeParams:
     weights: tuple[float, ...]
     scale: float = 1.0          # lambda
-    density: float = 0.5        # ties: fraction kept
-    drop_p: float = 0.5         # dare: drop probability
+    density: float = 0.5        # ties: fraction kept by magnitude
+    drop_p: float = 0.5         # dare, dare_ties: drop probability (MergeConfig sets it to 1 - density)
     dare_rescale: ops.DareRescale = "inverse"
     sign_method: ops.SignMethod = "total"
     normalize: bool = True      # linear: divide by the sum of weights

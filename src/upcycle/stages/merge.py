@@ -4,7 +4,7 @@
     base: path/to/base
     models: [{path: a, weight: 1.0}, {path: b, weight: 0.5}]
     out: merged/
-    density: 0.5
+    density: 0.5        # kept fraction: ties by magnitude, dare/dare_ties at random (drop_p = 1 - density)
 
 The story: open every folder and check that all share the same tensors (names, shapes); plan
 the output from the base's headers; for each tensor read it from every model, merge, write, and
@@ -23,6 +23,7 @@ import torch
 from upcycle.bundled import resolve_model
 from upcycle.config import MergeConfig, dump_config, parse_size
 from upcycle.errors import UpcycleError
+from upcycle.export.model_card import merge_card
 from upcycle.export.plan import PlanEntry, write_plan
 from upcycle.export.save import TORCH_DTYPES
 from upcycle.io.atomic import atomic_dir, check_output_dir
@@ -47,6 +48,14 @@ def check_same_tensors(reference, ref_path: Path, others: list[tuple[Path, objec
             raise UpcycleError(f"model {path}: has tensor {extra[0]} that {ref_path} does not")
 
 
+def check_finite(name: str, merged: torch.Tensor, cfg: MergeConfig) -> None:
+    """A NaN or inf in the result (NaN in a model, an overflow in the output dtype) is refused, not written."""
+    bad = (~torch.isfinite(merged)).sum().item()
+    if bad:
+        raise UpcycleError(f"merge: tensor {name} holds {bad} NaN/inf values after the {cfg.method} merge "
+                           f"(in {merged.dtype}); check the models' weights and the merge weights/scale; nothing was written")
+
+
 def run(cfg: MergeConfig, progress: bool = True) -> dict:
     started = time.perf_counter()
     method = METHODS[cfg.method]
@@ -62,19 +71,20 @@ def run(cfg: MergeConfig, progress: bool = True) -> dict:
     params = MergeParams(weights=tuple(m.weight for m in cfg.models), scale=cfg.scale, density=cfg.density,
                          drop_p=cfg.drop_p, dare_rescale=cfg.dare_rescale, sign_method=cfg.sign_method, normalize=cfg.normalize)
     out_dtype = TORCH_DTYPES.get(cfg.dtype)
-    plan = [PlanEntry(name, tuple(info.shape), out_dtype if out_dtype and info.dtype.is_floating_point else info.dtype,
-                      (("tensor", name),)) for name, info in ref.tensors.items()]
+    # The readers refuse non-float tensors (quantized weights), so every tensor here is merged.
+    plan = [PlanEntry(name, tuple(info.shape), out_dtype or info.dtype, (("tensor", name),))
+            for name, info in ref.tensors.items()]
+    dtypes = {e.name: e.dtype for e in plan}
 
     def provider(part: tuple) -> torch.Tensor:
         name = part[1]
         base = ref.get(name) if base_folder else None
         tensors = [r.get(name) for r in readers]
-        if not tensors[0].dtype.is_floating_point:  # integer buffers are copied, not merged
-            return (base if base is not None else tensors[0])
         gens = [generator(cfg.seed, "merge", name, i) for i in range(len(tensors))]
-        merged = merge_tensor(method, base, tensors, params, gens)
+        merged = merge_tensor(method, base, tensors, params, gens).to(dtypes[name])
         del tensors, base
         release_memory()
+        check_finite(name, merged, cfg)
         return merged
 
     with atomic_dir(cfg.out, force=cfg.force) as tmp:
@@ -84,6 +94,7 @@ def run(cfg: MergeConfig, progress: bool = True) -> dict:
             config["dtype"] = cfg.dtype
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         ref_folder.copy_tokenizer(tmp)
+        (tmp / "README.md").write_text(merge_card(cfg, folders, base_folder))
         dump_config(cfg, tmp / "upcycle_config.yaml")
     return {"out": str(cfg.out), "method": cfg.method, "tensors": len(plan), "files": files,
             "seconds": time.perf_counter() - started}
