@@ -48,6 +48,19 @@ def test_pickle_only_base_is_refused_unless_allowed(capsys, llama_dir, tmp_path,
     assert code == 0 and (out / "model.safetensors").is_file()
 
 
+def test_int8_pickle_base_is_refused_naming_file_and_tensor(capsys, llama_dir, tmp_path):
+    base = tmp_path / "pickled-int8"
+    shutil.copytree(llama_dir, base)
+    state = load_file(base / "model.safetensors")
+    (base / "model.safetensors").unlink()
+    name = "model.layers.0.mlp.up_proj.weight"
+    state[name] = (state[name] * 100).to(torch.int8)
+    torch.save(state, base / "pytorch_model.bin")
+    out = tmp_path / "out"
+    assert_refused(capsys, out, ["--base", base, "--out", out, "--allow-pickle", "--num-experts", "2", "--top-k", "1"],
+                   "pytorch_model.bin", name, "I8")
+
+
 def test_unsupported_architecture(capsys, tmp_path):
     base = tmp_path / "gpt2"
     base.mkdir()

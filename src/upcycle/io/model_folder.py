@@ -16,7 +16,7 @@ import torch
 
 from upcycle.dense_config import normalize_config, read_config_json
 from upcycle.errors import UpcycleError
-from upcycle.io.safetensors_io import SafetensorsReader
+from upcycle.io.safetensors_io import DTYPE_NAMES, SafetensorsReader, check_dtype
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -35,6 +35,8 @@ class PickleReader:
                 part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - report any unpickling failure with the file name
                 raise UpcycleError(f"{f}: cannot read as weights-only torch file ({type(e).__name__}: {e})") from None
+            for name, t in part.items():  # the same dtype rule as safetensors weights (no int8/float8)
+                check_dtype(f, name, DTYPE_NAMES.get(t.dtype, str(t.dtype)))
             self.state.update(part)
         self.tensors = {k: v for k, v in self.state.items()}
 
