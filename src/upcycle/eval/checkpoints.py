@@ -24,11 +24,13 @@ def suite_test_items(spec, max_per_domain: int | None):
 
 
 def evaluate_checkpoints(manifest: Manifest, base: Path, cfg, tokenizer, progress: bool = True) -> list[dict]:
-    import torch
+    """Each checkpoint on this process's accelerator, in the dtype prepare trained it in."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from upcycle.devices import accelerator
     from upcycle.eval.suite_eval import evaluate_items
+    from upcycle.train.engine import compute_dtype
 
     items = suite_test_items(cfg.data.suite, cfg.eval_max_items)
     todo = [c for c in manifest.checkpoints if "scores" not in c]
@@ -38,12 +40,12 @@ def evaluate_checkpoints(manifest: Manifest, base: Path, cfg, tokenizer, progres
         if cfg.mode == "lora":
             if peft_model is None:
                 from upcycle.stages.prepare import load_model
-                peft_model = load_model(base, cfg)
+                peft_model = load_model(base, cfg).to(accelerator())
             from peft import set_peft_model_state_dict
             set_peft_model_state_dict(peft_model, load_file(ckpt / "adapter_model.safetensors"))
             model = peft_model
         else:
-            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=compute_dtype(cfg.train)).to(accelerator())
         result = evaluate_items(model, tokenizer, items)
         entry["scores"] = result["scores"]
         entry["average"] = result["average"]

@@ -17,7 +17,8 @@ from upcycle.data.encode import render
 
 @torch.no_grad()
 def routing_shares(model, tokenizer, texts_by_domain: dict[str, list[str]], batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """{domain: (layers, experts)} shares of top-k assignments; each row sums to 1."""
+    """{domain: (layers, experts)} shares of top-k assignments (CPU tensors); each row sums to 1."""
+    from upcycle.devices import to_model_device
     from upcycle.moe.model import router_logits
 
     model.eval()
@@ -26,7 +27,8 @@ def routing_shares(model, tokenizer, texts_by_domain: dict[str, list[str]], batc
     for domain, texts in texts_by_domain.items():
         counts = None
         for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = to_model_device(tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
+                                            add_special_tokens=False), model)
             model(**enc)
             keep = enc["attention_mask"].reshape(-1).bool()
             layer_counts = []
@@ -35,7 +37,7 @@ def routing_shares(model, tokenizer, texts_by_domain: dict[str, list[str]], batc
                 layer_counts.append(torch.bincount(chosen, minlength=logits.shape[-1]).float())
             batch = torch.stack(layer_counts)
             counts = batch if counts is None else counts + batch
-        out[domain] = counts / counts.sum(-1, keepdim=True)
+        out[domain] = (counts / counts.sum(-1, keepdim=True)).cpu()
     return out
 
 

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from upcycle.data.encode import render
+from upcycle.devices import to_model_device
 from upcycle.eval.scorers import score_code, score_exact, score_number
 from upcycle.suite.tasks import DOMAINS, Item
 
@@ -28,11 +29,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     """Greedy completions, without the prompt; stops at the tokenizer's end-of-turn (eos) token."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
     outs = []
     try:
         for i in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            batch = to_model_device(tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
+                                              add_special_tokens=False), model)
             gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             outs += tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -44,13 +45,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 @torch.no_grad()
 def option_logliks(model, tokenizer, prompt: str, options: list[str]) -> list[float]:
     """Sum of log-probabilities of each option's tokens after the prompt."""
-    device = next(model.parameters()).device
     prefix = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     seqs = [prefix + tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
     width = max(map(len, seqs))
     pad = tokenizer.pad_token_id or 0
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    ids, mask = to_model_device((torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
+                                 torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])), model)
     logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
     scores = []
     for row, s in enumerate(seqs):

@@ -9,7 +9,11 @@
     noise          copy (or shard) plus N(0, (noise_std * std(W))^2) on every matrix
 
 Each random draw takes a generator made from the run seed and a stable name, so an expert's
-weights do not depend on which other experts were made before it.
+weights do not depend on which other experts were made before it. Drop and noise draw on the
+generator's device, which `init_expert` makes the dense weights' device: on the CPU the numbers are
+those of `upcycle.seeding.generator`; on CUDA they are other numbers (torch's CUDA generator is
+Philox, not the CPU's Mersenne twister), deterministic for a seed. Router rows and LoRA A are
+small and drawn on the CPU, so they are the same numbers on every device.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Literal
 import torch
 
 from upcycle.config import InitSpec, MoESpec, Routing
-from upcycle.seeding import generator
+from upcycle.devices import device_generator
 
 
 @dataclass
@@ -97,18 +101,18 @@ def drop_reinit(w: MLPWeights, ratio: float, index_sets: Literal["shared", "per_
     count = math.floor(ratio * width)
 
     def pick() -> torch.Tensor:
-        return torch.randperm(width, generator=gen)[:count].sort().values
+        return torch.randperm(width, generator=gen, device=gen.device)[:count].sort().values
 
     shared = pick()
     out = {}
     for name, matrix, dim in (("gate", w.gate, 0), ("up", w.up, 0), ("down", w.down, 1)):
         idx = shared if index_sets == "shared" else pick()
         new = matrix.clone()
-        block = matrix.index_select(dim, idx).float()
+        block = matrix.index_select(dim, idx.to(matrix.device)).float()
         if count:
             mean, std = block.mean(), block.std(unbiased=False)
-            fresh = torch.empty(block.shape, dtype=torch.float32).normal_(0.0, 1.0, generator=gen) * std + mean
-            new.index_copy_(dim, idx, fresh.to(matrix.dtype))
+            fresh = torch.empty(block.shape, dtype=torch.float32, device=gen.device).normal_(0.0, 1.0, generator=gen)
+            new.index_copy_(dim, idx.to(matrix.device), (fresh.to(matrix.device) * std + mean).to(matrix.dtype))
         out[name] = new
     return MLPWeights(**out)
 
@@ -121,8 +125,8 @@ def dropped_indices(original: torch.Tensor, dropped: torch.Tensor, dim: int) -> 
 
 def add_noise(w: MLPWeights, std_ratio: float, gen: torch.Generator) -> MLPWeights:
     def noisy(m: torch.Tensor) -> torch.Tensor:
-        z = torch.empty(m.shape, dtype=torch.float32).normal_(0.0, 1.0, generator=gen)
-        return (m.float() + z * std_ratio * m.float().std()).to(m.dtype)
+        z = torch.empty(m.shape, dtype=torch.float32, device=gen.device).normal_(0.0, 1.0, generator=gen)
+        return (m.float() + z.to(m.device) * std_ratio * m.float().std()).to(m.dtype)
 
     return MLPWeights(noisy(w.gate), noisy(w.up), noisy(w.down))
 
@@ -137,9 +141,10 @@ def init_expert(dense: MLPWeights, expert: int, layer: int, spec: MoESpec, init:
     if (gate_s, up_s, down_s) != (1.0, 1.0, 1.0):
         w = MLPWeights(w.gate * gate_s, w.up * up_s, w.down * down_s)
     if init.method == "drop":
-        w = drop_reinit(w, init.drop_ratio, init.drop_index_sets, generator(seed, "layer", layer, "expert", expert, "drop"))
+        gen = device_generator(dense.gate.device, seed, "layer", layer, "expert", expert, "drop")
+        w = drop_reinit(w, init.drop_ratio, init.drop_index_sets, gen)
     elif init.method == "noise":
-        w = add_noise(w, init.noise_std, generator(seed, "layer", layer, "expert", expert, "noise"))
+        w = add_noise(w, init.noise_std, device_generator(dense.gate.device, seed, "layer", layer, "expert", expert, "noise"))
     return w
 
 

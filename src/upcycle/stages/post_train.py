@@ -57,7 +57,11 @@ def dense_source(spec: str) -> tuple[Path, Path]:
 
 
 def build_model(cfg: PostTrainConfig):
-    """(model, tokenizer source folder) for the configured source."""
+    """(model, tokenizer source folder) for the configured source, its weights in train.precision's dtype."""
+    from upcycle.devices import cast_parameters
+    from upcycle.train.engine import compute_dtype
+
+    dtype = compute_dtype(cfg.train)
     if cfg.source == "upit":
         from upcycle.stages.route import build_pool_model, pool_from_expand
 
@@ -72,9 +76,10 @@ def build_model(cfg: PostTrainConfig):
             if (Path(cfg.route) / "moe" / "upcycle_moe.json").is_file():  # routers and experts were trained
                 from upcycle.export.load import load_moe
                 model = load_moe(Path(cfg.route) / "moe")
-                return model.to(torch.float32), Path(pool["base"])
+                cast_parameters(model, dtype)
+                return model, Path(pool["base"])
             routers = Path(cfg.route) / "routers.safetensors"
-        return build_pool_model(pool, cfg.moe, cfg.shared_weights, cfg.seed, routers=routers), Path(pool["base"])
+        return build_pool_model(pool, cfg.moe, cfg.shared_weights, cfg.seed, routers=routers, dtype=dtype), Path(pool["base"])
     if cfg.dense is None:
         raise UpcycleError("post_train: source upcycle needs dense= (a model folder or prepare:FOLDER)")
     from transformers import AutoModelForCausalLM
@@ -82,8 +87,34 @@ def build_model(cfg: PostTrainConfig):
     from upcycle.moe.model import upcycle_model
 
     folder, tokenizer_folder = dense_source(cfg.dense)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     return upcycle_model(model, cfg.moe, cfg.init, cfg.seed), tokenizer_folder
+
+
+def card_info(cfg: PostTrainConfig, trainable: str) -> dict:
+    """What the exported model's card says about how it was made (see export/model_card.py)."""
+    epochs = f"{cfg.train.epochs:g} epoch{'' if cfg.train.epochs == 1 else 's'}"
+    train = f"post-train: {epochs}, LM + load-balancing loss (coefficient {cfg.moe.aux_loss_coef:g}), trainable: {trainable}"
+    info = {"tool": "upcycle post-train", "data": list(cfg.data.train)}
+    if cfg.source == "upit":
+        from upcycle.stages.route import pool_from_expand
+
+        pool = pool_from_expand(cfg.expand)
+        kind = "LoRA" if pool["kind"] == "lora" else "full"
+        checkpoints = sum(e["origin"] == "checkpoint" for e in pool["experts"])
+        return {**info, "base": pool["base"], "method": "upit", "stages": [
+            f"prepare: {kind} instruction tuning of the dense base; its checkpoints become experts",
+            f"expand: {len(pool['experts'])} experts: {checkpoints} checkpoints + "
+            f"{len(pool['experts']) - checkpoints} DARE-merged children",
+            "route: routers initialized from perplexity buckets of seed data" if cfg.route is not None
+            else "route: skipped (random routers)", train]}
+    stages = [f"upcycle: {cfg.moe.num_experts} experts from the dense MLP, init {cfg.init.method}", train]
+    if cfg.dense.startswith("prepare:"):
+        base = json.loads((Path(cfg.dense.removeprefix("prepare:")) / MANIFEST).read_text())["base"]
+        stages.insert(0, "prepare: dense instruction tuning; its final checkpoint is upcycled")
+    else:
+        base = str(dense_source(cfg.dense)[0])
+    return {**info, "base": base, "init": cfg.init.model_dump(mode="json"), "stages": stages}
 
 
 def resolve_trainable(cfg: PostTrainConfig, model) -> str:
@@ -109,6 +140,7 @@ def apply_trainable(model, which: str) -> int:
 @torch.no_grad()
 def expert_load_entropy(model, samples, pad_id: int, batch_size: int = 16) -> dict:
     """Entropy (nats) of the share of top-k assignments per expert, per MoE layer, over `samples`."""
+    from upcycle.devices import to_model_device
     from upcycle.moe.losses import expert_load
     from upcycle.moe.model import router_logits
     from upcycle.stages.route import _batch
@@ -117,7 +149,7 @@ def expert_load_entropy(model, samples, pad_id: int, batch_size: int = 16) -> di
     k = model.upcycle_spec.top_k
     counts = None
     for i in range(0, len(samples), batch_size):
-        ids, _, mask = _batch(samples[i:i + batch_size], pad_id)
+        ids, _, mask = to_model_device(_batch(samples[i:i + batch_size], pad_id), model)
         model(input_ids=ids, attention_mask=mask)
         keep = mask.reshape(-1).bool()
         layer = [expert_load(l[keep], k) * keep.sum() for l in router_logits(model)]
@@ -136,10 +168,11 @@ def run(cfg: PostTrainConfig, progress: bool = True, callbacks: list | None = No
 
     from upcycle.data.build import build_datasets
     from upcycle.data.dataset import Collator
-    from upcycle.export.save import save_moe
+    from upcycle.devices import accelerator, cast_parameters, fp32_master_weights
+    from upcycle.export.save import save_moe, update_card
     from upcycle.stages.route import make_trainer_class
     from upcycle.train.checkpoints import clean_unlisted_checkpoints, make_recorder
-    from upcycle.train.engine import training_arguments
+    from upcycle.train.engine import compute_dtype, training_arguments
 
     started = time.perf_counter()
     if cfg.out is None:
@@ -162,6 +195,7 @@ def run(cfg: PostTrainConfig, progress: bool = True, callbacks: list | None = No
     if not manifest.complete:
         which = resolve_trainable(cfg, model)
         count = apply_trainable(model, which)
+        fp32_master_weights(model)
         if progress:
             print(f"post-train: {data.summary()}\n  training {count} parameters ({which})", flush=True)
         args = training_arguments(cfg.train, out / CHECKPOINTS, cfg.seed, packing=cfg.data.packing, moe=True,
@@ -175,11 +209,12 @@ def run(cfg: PostTrainConfig, progress: bool = True, callbacks: list | None = No
             trainer.remove_callback(PrinterCallback)
         resume = clean_unlisted_checkpoints(manifest, CHECKPOINTS)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        cast_parameters(model, compute_dtype(cfg.train))  # fp32 master copies back: export keeps the precision
         if not trainer.is_world_process_zero():  # under torchrun, rank 0 exports and evaluates
             return {"out": str(out), "rank": trainer.args.process_index}
         summary = save_moe(model, out / MODEL, format=cfg.export.format, dtype=cfg.export.dtype,
                            max_shard_size=cfg.export.max_shard_size, lora_storage=cfg.export.lora_storage, force=True,
-                           tokenizer=tokenizer, base_path=token_source, progress=False)
+                           tokenizer=tokenizer, base_path=token_source, progress=False, card=card_info(cfg, which))
         manifest.data["export"] = {k: summary[k] for k in ("format", "files", "parameters")}
         eval_samples = (data.eval.samples if data.eval is not None else data.train.samples)[:256]
         if isinstance(eval_samples[0], dict):  # packed training blocks: use unpacked eval samples only
@@ -192,9 +227,11 @@ def run(cfg: PostTrainConfig, progress: bool = True, callbacks: list | None = No
         from upcycle.eval.checkpoints import suite_test_items
         from upcycle.eval.suite_eval import evaluate_items
 
+        model.to(accelerator())  # a rerun that only evaluates has not been placed by the Trainer
         result = evaluate_items(model, tokenizer, suite_test_items(cfg.data.suite, cfg.eval_max_items))
         manifest.data.update(scores=result["scores"], average=result["average"])
         manifest.save()
+        update_card(out / MODEL, scores={**result["scores"], "average": result["average"]})
         (out / "suite_outputs.json").write_text(json.dumps(result["outputs"], indent=1))
     return {"out": str(out), "model": str(out / MODEL), **{k: manifest.data.get(k) for k in
             ("export", "scores", "average", "expert_load_entropy")}, "seconds": time.perf_counter() - started}

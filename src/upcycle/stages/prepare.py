@@ -42,11 +42,14 @@ def check_base(cfg_base: str) -> Path:
 
 
 def load_model(base: Path, cfg: PrepareConfig):
+    """The dense model to train: full mode trains every weight, so it is loaded in fp32 (the master
+    weights; the Trainer's autocast computes in train.precision); LoRA mode holds the frozen base in
+    the compute dtype, and peft keeps the adapters in fp32."""
     from transformers import AutoModelForCausalLM, set_seed
 
-    from upcycle.train.engine import apply_lora, resolve_precision
+    from upcycle.train.engine import apply_lora, compute_dtype
 
-    dtype = torch.bfloat16 if resolve_precision(cfg.train) == "bf16" else torch.float32
+    dtype = torch.float32 if cfg.mode == "full" else compute_dtype(cfg.train)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True)
     if cfg.mode == "lora":
         set_seed(cfg.seed)  # peft draws LoRA A from torch's global RNG: seed it for determinism

@@ -27,12 +27,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from upcycle.config import RouteConfig, config_hash, dump_config
+from upcycle.devices import accelerator, cast_parameters, fp32_master_weights, to_model_device
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import atomic_write_text
 from upcycle.manifest import MANIFEST, Manifest
 
 CHECKPOINTS = "checkpoints"
 ROUTERS = "routers.safetensors"
+# Response tokens whose logits are made at once when scoring: chunk x vocab fp32 values (512 MB at
+# a 128k vocabulary), whatever the number of samples, their length and the number of experts.
+NLL_CHUNK_TOKENS = 1024
 
 
 # ------------------------------------------------------------------------------ seed data and scoring
@@ -59,7 +63,8 @@ def _batch(samples, pad_id: int):
 
 
 def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of each row's response tokens: (rows,)."""
+    """Mean negative log-likelihood of each row's response tokens: (rows,), from full logits (the
+    reference `response_nll_chunked` must match; it holds rows x length x vocab values)."""
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
     nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                           ignore_index=-100, reduction="none").reshape(shift_labels.shape)
@@ -67,21 +72,41 @@ def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nll.sum(1) / count
 
 
+def response_nll_chunked(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                         chunk_tokens: int | None = None) -> torch.Tensor:
+    """`response_nll` of the model's logits without making them: the decoder's last hidden states,
+    then the LM head on the response positions only, `chunk_tokens` (NLL_CHUNK_TOKENS) at a time, in fp32."""
+    chunk_tokens = chunk_tokens or NLL_CHUNK_TOKENS
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+    head = model.get_output_embeddings()
+    shift_labels = labels[:, 1:]
+    rows, cols = (shift_labels != -100).nonzero(as_tuple=True)
+    targets = shift_labels[rows, cols]
+    picked = hidden[:, :-1][rows, cols]  # (M, H): the positions that predict a response token
+    nll = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+    for start in range(0, len(targets), chunk_tokens):
+        end = start + chunk_tokens
+        nll[start:end] = F.cross_entropy(head(picked[start:end]).float(), targets[start:end], reduction="none")
+    total = torch.zeros(ids.shape[0], dtype=torch.float32, device=hidden.device).index_add_(0, rows, nll)
+    return total / torch.bincount(rows, minlength=ids.shape[0]).clamp_min(1)
+
+
 @torch.no_grad()
 def score_experts(model, samples, num_experts: int, batch_size: int, pad_id: int, progress: bool = False) -> torch.Tensor:
-    """(samples, experts) perplexities: every expert in one forward per batch (rows replicated per expert)."""
+    """(samples, experts) perplexities (a CPU tensor): every expert in one forward per batch (rows
+    replicated per expert), the NLL in chunks (`response_nll_chunked`)."""
     from upcycle.moe.model import force_experts
 
     model.eval()
     out = []
     for i in tqdm(range(0, len(samples), batch_size), desc="scoring", disable=not progress, mininterval=0.5):
-        ids, labels, mask = _batch(samples[i:i + batch_size], pad_id)
+        ids, labels, mask = to_model_device(_batch(samples[i:i + batch_size], pad_id), model)
         b = ids.shape[0]
-        experts = torch.arange(num_experts).repeat_interleave(b)  # (N*b,): copy e of the batch -> expert e
+        experts = torch.arange(num_experts, device=ids.device).repeat_interleave(b)  # (N*b,): copy e -> expert e
         with force_experts(model, experts):
-            logits = model(input_ids=ids.repeat(num_experts, 1), attention_mask=mask.repeat(num_experts, 1)).logits
-        nll = response_nll(logits, labels.repeat(num_experts, 1)).reshape(num_experts, b)
-        out.append(nll.T)
+            nll = response_nll_chunked(model, ids.repeat(num_experts, 1), labels.repeat(num_experts, 1),
+                                       mask.repeat(num_experts, 1))
+        out.append(nll.reshape(num_experts, b).T.cpu())
     return torch.cat(out).exp()
 
 
@@ -93,9 +118,9 @@ def score_one_expert(model, samples, expert: int, batch_size: int, pad_id: int) 
     model.eval()
     out = []
     for i in range(0, len(samples), batch_size):
-        ids, labels, mask = _batch(samples[i:i + batch_size], pad_id)
+        ids, labels, mask = to_model_device(_batch(samples[i:i + batch_size], pad_id), model)
         with force_experts(model, torch.full((ids.shape[0],), expert)):
-            out.append(response_nll(model(input_ids=ids, attention_mask=mask).logits, labels))
+            out.append(response_nll(model(input_ids=ids, attention_mask=mask).logits, labels).cpu())
     return torch.cat(out).exp()
 
 
@@ -142,9 +167,9 @@ def owner_share(model, samples, owners: torch.Tensor, top_k: int, pad_id: int, b
     model.eval()
     hits_k, hits_1, total = None, None, 0
     for i in range(0, len(samples), batch_size):
-        ids, _, mask = _batch(samples[i:i + batch_size], pad_id)
+        ids, _, mask = to_model_device(_batch(samples[i:i + batch_size], pad_id), model)
         model(input_ids=ids, attention_mask=mask)
-        owner_tok = owners[i:i + batch_size].repeat_interleave(ids.shape[1])
+        owner_tok = owners[i:i + batch_size].to(ids.device).repeat_interleave(ids.shape[1])
         keep = mask.reshape(-1).bool()
         layer_k, layer_1 = [], []
         for logits in router_logits(model):
@@ -161,17 +186,17 @@ def owner_share(model, samples, owners: torch.Tensor, top_k: int, pad_id: int, b
 
 
 def router_loss(model, inputs: dict, alpha: float, aux_target: str, num_experts: int) -> torch.Tensor:
-    """alpha * L_lm + (1 - alpha) * mean over MoE layers of the BCE of sigmoid(router logits) vs the owner."""
-    from upcycle.moe.model import router_logits
-
+    """alpha * L_lm + (1 - alpha) * mean over MoE layers of the BCE of sigmoid(router logits) vs the owner.
+    `model` may be wrapped (DDP, FSDP): the router logits come from its output, not from its blocks."""
     owner = inputs.pop("owner")  # (B,)
     outputs = model(**inputs)
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
-    keep = (mask.reshape(-1).float() if mask is not None else torch.ones(ids.numel()))
-    owner_tok = owner.repeat_interleave(ids.shape[1])  # (T,)
+    keep = mask.reshape(-1).float() if mask is not None else torch.ones(ids.numel(), device=ids.device)
+    owner_tok = owner.to(ids.device).repeat_interleave(ids.shape[1])  # (T,)
     terms = []
-    for logits in router_logits(model):  # (T, N) per layer, fp32
+    for logits in outputs.router_logits:  # (T, N) per layer
+        logits = logits.float()
         if aux_target == "one_hot":
             target = F.one_hot(owner_tok, num_experts).float()
             per_token = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)
@@ -227,13 +252,14 @@ def pool_from_expand(expand_dir: Path) -> dict:
     return m
 
 
-def build_pool_model(pool: dict, spec, shared_weights: str, seed: int, routers: Path | None = None):
+def build_pool_model(pool: dict, spec, shared_weights: str, seed: int, routers: Path | None = None,
+                     dtype: torch.dtype = torch.float32):
     from upcycle.moe.assemble import assemble_moe
 
     paths = [Path(e["path"]) for e in pool["experts"]]
     shared = [Path(e["path"]) for e in pool["experts"] if e["origin"] == "checkpoint"]
     spec = spec.model_copy(update={"num_experts": len(paths), "expert_type": "lora" if pool["kind"] == "lora" else "mlp"})
-    return assemble_moe(Path(pool["base"]), paths, spec, shared, shared_weights, routers=routers, seed=seed)
+    return assemble_moe(Path(pool["base"]), paths, spec, shared, shared_weights, routers=routers, seed=seed, dtype=dtype)
 
 
 def run(cfg: RouteConfig, progress: bool = True) -> dict:
@@ -244,7 +270,7 @@ def run(cfg: RouteConfig, progress: bool = True) -> dict:
     from upcycle.data.dataset import Collator, InstructionDataset
     from upcycle.moe.assemble import router_state_dict
     from upcycle.train.checkpoints import clean_unlisted_checkpoints, make_recorder
-    from upcycle.train.engine import training_arguments
+    from upcycle.train.engine import compute_dtype, training_arguments
 
     started = time.perf_counter()
     if cfg.expand is None or cfg.out is None:
@@ -265,7 +291,8 @@ def run(cfg: RouteConfig, progress: bool = True) -> dict:
     if not (out / "upcycle_config.yaml").exists():
         dump_config(cfg, out / "upcycle_config.yaml")
     spec = cfg.moe.model_copy(update={"aux_loss_coef": 0.0, "z_loss_coef": 0.0})  # the route loss is its own
-    model = build_pool_model(pool, spec, cfg.shared_weights, cfg.seed)
+    dtype = compute_dtype(cfg.train)
+    model = build_pool_model(pool, spec, cfg.shared_weights, cfg.seed, dtype=dtype).to(accelerator())
     n = len(pool["experts"])
 
     # 1. perplexity of every seed sample under every expert, then buckets
@@ -286,6 +313,7 @@ def run(cfg: RouteConfig, progress: bool = True) -> dict:
     # 2. router pre-training on the buckets
     if not manifest.complete:
         trainable = set_trainable(model, cfg.trainable)
+        fp32_master_weights(model)
         if progress:
             print(f"route: {len(samples)} seed samples, buckets {[b['size'] for b in manifest.data['buckets'].values()]}, "
                   f"training {trainable} parameters ({cfg.trainable})", flush=True)
@@ -302,7 +330,8 @@ def run(cfg: RouteConfig, progress: bool = True) -> dict:
             trainer.remove_callback(PrinterCallback)
         resume = clean_unlisted_checkpoints(manifest, CHECKPOINTS)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        routers = router_state_dict(model)
+        routers = router_state_dict(model)  # the fp32 master weights
+        cast_parameters(model, dtype)
         tmp = out / f".{ROUTERS}.tmp"
         save_file(routers, tmp, metadata={"format": "pt"})
         tmp.replace(out / ROUTERS)

@@ -4,11 +4,18 @@ The HF Trainer saves (model, optimizer, scheduler, RNG, data position); this cal
 *when* (every `save_every` epochs, which the Trainer cannot express) and records each checkpoint
 after the Trainer has finished writing it, with its content hash and losses. On rerun, folders
 not in the manifest (a kill mid-save) are removed and training resumes from the last listed one.
+
+Hashing a checkpoint (gigabytes at 8B) does not stall training: a worker thread hashes it and then
+lists it, one checkpoint at a time in save order, while training goes on; the end of training (and
+a stop for non-finite weights) waits for it. A kill before a checkpoint is listed only means
+resuming from the one before it.
 """
 
 from __future__ import annotations
 
 import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -36,6 +43,25 @@ def make_recorder(manifest: Manifest, epochs: float, save_every: float, keep_opt
             self.points: list[int] = []
             self.loss_sum, self.loss_steps, self.last_logged_step = 0.0, 0, 0
             self.eval_loss = None
+            self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-sha256")
+            self.pending: list[Future] = []
+            self.lock = threading.Lock()  # the worker lists while the main thread may save the manifest
+
+        def list_when_hashed(self, entry: dict, files: list[Path]) -> None:
+            """Worker: hash the checkpoint's weights, then list it (and drop the previous one's optimizer states)."""
+            entry["sha256"] = sha256_files(files)
+            with self.lock:
+                previous = manifest.checkpoints[-1] if manifest.checkpoints else None
+                manifest.add_checkpoint({"index": len(manifest.checkpoints), **entry})
+            if previous and keep_optimizer_states == "last":
+                for name in RESUME_ONLY_FILES:
+                    (manifest.folder / previous["path"] / name).unlink(missing_ok=True)
+
+        def wait_listed(self) -> None:
+            """Block until every saved checkpoint is hashed and listed; a worker error is raised here."""
+            pending, self.pending = self.pending, []
+            for future in pending:
+                future.result()
 
         def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
             per_epoch = steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
@@ -45,8 +71,9 @@ def make_recorder(manifest: Manifest, epochs: float, save_every: float, keep_opt
                     f"save_every: {save_every} epochs is less than one optimizer step ({per_epoch} steps per epoch); "
                     "use a smaller train.batch_size / grad_accum or a larger save_every")
             if state.is_world_process_zero:
-                manifest.data.update(planned=len(self.points), steps_per_epoch=per_epoch, save_steps=self.points)
-                manifest.save()
+                with self.lock:
+                    manifest.data.update(planned=len(self.points), steps_per_epoch=per_epoch, save_steps=self.points)
+                    manifest.save()
             self.last_logged_step = state.global_step
 
         def on_step_end(self, args, state, control, **kw):
@@ -72,20 +99,19 @@ def make_recorder(manifest: Manifest, epochs: float, save_every: float, keep_opt
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if model is not None and not all(torch.isfinite(p).all() for p in model.parameters() if p.is_floating_point()):
                 shutil.rmtree(ckpt, ignore_errors=True)  # never list weights one cannot resume from
+                self.wait_listed()
                 last = manifest.checkpoints[-1]["path"] if manifest.checkpoints else "none"
                 raise UpcycleError(f"weights are not finite after step {state.global_step}; training stopped. "
                                    f"Last good checkpoint: {last}. Lower train.lr or check the data, then rerun to resume")
             entry = {
-                "index": len(manifest.checkpoints), "step": state.global_step, "epoch": round(state.epoch, 4),
-                "path": str(ckpt.relative_to(manifest.folder)), "sha256": sha256_files(weight_files(ckpt)),
+                "step": state.global_step, "epoch": round(state.epoch, 4), "path": str(ckpt.relative_to(manifest.folder)),
                 "train_loss": self.loss_sum / self.loss_steps if self.loss_steps else None, "eval_loss": self.eval_loss,
             }
-            previous = manifest.checkpoints[-1] if manifest.checkpoints else None
-            manifest.add_checkpoint(entry)
+            self.pending.append(self.hasher.submit(self.list_when_hashed, entry, weight_files(ckpt)))
             self.loss_sum, self.loss_steps, self.eval_loss = 0.0, 0, None
-            if previous and keep_optimizer_states == "last":
-                for name in RESUME_ONLY_FILES:
-                    (manifest.folder / previous["path"] / name).unlink(missing_ok=True)
+
+        def on_train_end(self, args, state, control, **kw):
+            self.wait_listed()
 
     return CheckpointRecorder()
 

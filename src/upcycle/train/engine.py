@@ -21,6 +21,13 @@ def resolve_precision(train: TrainSpec) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
+def compute_dtype(train: TrainSpec) -> torch.dtype:
+    """The dtype weights a stage only reads are held in (see upcycle/devices.py for the whole rule)."""
+    from upcycle.devices import DTYPES
+
+    return DTYPES[resolve_precision(train)]
+
+
 def training_arguments(train: TrainSpec, output_dir: Path, seed: int, *, packing: bool = False,
                        moe: bool = False, progress: bool = True, **overrides):
     """TrainingArguments for a run whose checkpoints are driven by upcycle's callback (save_strategy 'no')."""
