@@ -82,3 +82,19 @@ def test_z_loss_exact():
 def test_expert_load_counts_assignments():
     load = expert_load(LOGITS, 1)
     assert load.tolist() == [0.5, 0.5, 0.0, 0.0]
+
+
+def test_router_logits_stay_fp32_under_bf16_autocast():
+    """The Trainer's bf16 autocast must not round the router's matmul to bf16 (routing decisions flip)."""
+    from upcycle.moe.router import Router
+
+    g = torch.Generator().manual_seed(0)
+    router = Router(hidden_size=64, num_experts=8, top_k=2, routing="topk_softmax")
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(8, 64, generator=g))
+    x = torch.randn(32, 64, generator=g)
+    reference = (x.double() @ router.weight.double().T)  # independent fp64 reference
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        logits, _, _ = router(x)
+    assert logits.dtype == torch.float32
+    assert (logits.double() - reference).abs().max() < 1e-4  # bf16 rounding would give ~1e-1 here

@@ -99,7 +99,8 @@ def upit_part(workdir: Path) -> None:
         shutil.rmtree(workdir / recipe, ignore_errors=True)  # a demo starts fresh (recipes resume; see upcycle run)
         cfg = load_config(RunConfig, RECIPES / f"{recipe}.yaml", [f"out={workdir / recipe}", *DEMO_OVERRIDES])
         t0 = time.perf_counter()
-        result = run(cfg, progress=False)
+        print(f"-- {recipe}: {' -> '.join(cfg.stages)}", flush=True)
+        result = run(cfg, progress=True)  # each stage announces itself and shows its progress bar
         print(f"  {recipe:12s} done in {time.perf_counter() - t0:5.0f} s: average {100 * (result.get('average') or 0):.1f}",
               flush=True)
         rows.append((recipe, result))

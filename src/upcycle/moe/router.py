@@ -48,7 +48,8 @@ class Router(nn.Module):
         if self.training and self.jitter > 0:
             # Switch Transformer's multiplicative jitter, on the router input only (not the experts').
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = F.linear(x, self.weight.float())  # (T, N)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x, self.weight.float())  # (T, N) fp32 even under the Trainer's bf16 autocast
         weights, indices = route(logits, self.top_k, self.routing)
         return logits, weights, indices
 

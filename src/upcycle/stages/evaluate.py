@@ -28,6 +28,7 @@ def load_for_eval(model_dir: str, base: str | None = None):
 
     from upcycle.architectures import FORMAT_BY_MODEL_TYPE
     from upcycle.bundled import resolve_model
+    from upcycle.devices import accelerator
     from upcycle.export.load import load_moe
     from upcycle.export.save import OWN_META
 
@@ -40,11 +41,11 @@ def load_for_eval(model_dir: str, base: str | None = None):
         model = load_moe(path, base=base)
         tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else Path(base or json.loads(
             (path / OWN_META).read_text())["base"]["path"])
-        return model.eval(), AutoTokenizer.from_pretrained(tokenizer_dir), True
+        return model.to(accelerator()).eval(), AutoTokenizer.from_pretrained(tokenizer_dir), True
     if not cfg:
         raise UpcycleError(f"model {path}: no config.json; is this a model folder?")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-    return model.eval(), AutoTokenizer.from_pretrained(path), False
+    return model.to(accelerator()).eval(), AutoTokenizer.from_pretrained(path), False
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
