@@ -22,13 +22,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-MAIN = ["dense_lora", "loramoe_sft", "upit_lora", "dense_sft", "upcycle_sft", "upcycle_pt", "upit_ffn",
+MAIN = ["dense_lora", "loramoe_sft", "self_moe", "upit_lora", "dense_sft", "upcycle_sft", "upcycle_pt", "btx", "upit_ffn",
         "drop_upcycling", "nvidia_granular"]
 ABLATIONS = ["ablation_no_router_init", "ablation_random_buckets", "ablation_random_parents", "ablation_no_expansion",
              "ablation_first_half"]
 PAPER = {  # averages over the paper's benchmarks (SPEC section 1), for the comparison paragraph
     "dense_lora": 47.53, "loramoe_sft": 49.99, "upit_lora": 52.21, "dense_sft": 31.31, "upcycle_sft": 37.60,
-    "upit_ffn": 38.88, "ablation_no_router_init": 49.96, "ablation_random_buckets": 49.30, "ablation_first_half": 51.37,
+    "upit_ffn": 38.88, "self_moe": 49.30, "ablation_no_router_init": 49.96, "ablation_random_buckets": 49.30, "ablation_first_half": 51.37,
 }
 
 

