@@ -96,6 +96,9 @@ def test_mixed_recipes_record_lineage_and_freeze_what_they_say(recipe, llama_dir
         name = "model.layers.0.self_attn.q_proj.weight"
         ws = [load_file(Path(d["expert"]) / "model.safetensors")[name] for d in branch["domains"]]
         assert torch.allclose(before[name], (ws[0] + ws[1]) / 2, atol=1e-6)
+    from upcycle.export.model_card import read_front_matter
+    tags = read_front_matter(out / "post_train" / "model" / "README.md")["tags"]
+    assert {"btx": "branch-train-mix", "self_moe": "self-moe"}[recipe] in tags and "moe" in tags
 
 
 def test_a_domain_with_no_rows_is_refused(llama_dir, tiny_data, tmp_path, capsys):

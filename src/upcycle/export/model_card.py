@@ -31,6 +31,9 @@ METHODS: dict[str, tuple[str, str, str]] = {
                       "https://arxiv.org/abs/2410.07524"),
     "drop_upcycling": ("drop-upcycling", "Drop-Upcycling", "https://arxiv.org/abs/2502.19261"),
     "lora_experts": ("lora-experts", "LoRA experts on the frozen dense MLP (LoRAMoE-style)", ""),
+    "mix": ("moe-merge", "experts trained apart (fine-tunes or LoRA adapters of one base), then mixed", ""),
+    "btx": ("branch-train-mix", "Branch-Train-MiX", "https://arxiv.org/abs/2403.07816"),
+    "self_moe": ("self-moe", "Self-MoE (LoRA experts per domain, mixed with a router)", "https://arxiv.org/abs/2406.12034"),
 }
 # init method -> the upcycling method it implements (UpIT is named by its caller)
 METHOD_OF_INIT = {"copy": "sparse_upcycling", "noise": "sparse_upcycling", "virtual_group": "virtual_group",
