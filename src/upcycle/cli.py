@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -97,6 +98,10 @@ def _build_parser() -> argparse.ArgumentParser:
             s.add_argument("--json", action="store_true", help="print the summary as JSON")
         if name == "run":
             s.add_argument("--redo", action="append", default=[], help="redo this stage (and the ones after it)")
+        if name in ("run", "eval", "prepare", "post-train"):
+            s.add_argument("--allow-unsafe-code-eval", action="store_true", dest="allow_unsafe_code_eval",
+                           help="score model-written code even where no OS sandbox (bubblewrap) works: it then "
+                                "runs with your user's rights (same as UPCYCLE_ALLOW_UNSAFE_CODE_EVAL=1)")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. moe.top_k=2")
 
     v = sub.add_parser("validate", help="check a config file without running anything (no weights read)")
@@ -180,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             if kind == "RunConfig":
                 from upcycle.pipeline import check_base
                 check_base(cfg)  # what only the base's config.json can tell, as `upcycle run` checks first
+                if cfg.evaluate:
+                    from upcycle.eval.sandbox import require_isolation
+                    require_isolation()  # the suite's code domain runs model-written code
             print(f"{args.config}: ok ({kind})")
             if kind == "BuildConfig":
                 from upcycle.export.save import format_name
@@ -193,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cmd = COMMANDS[args.command]
         import importlib
+
+        if getattr(args, "allow_unsafe_code_eval", False):
+            from upcycle.eval.sandbox import ALLOW_UNSAFE_ENV
+            os.environ[ALLOW_UNSAFE_ENV] = "1"  # read where code is run (eval/sandbox.py), in this process only
 
         module = importlib.import_module(cmd.module)
         values = _flag_values(args, cmd)

@@ -97,7 +97,8 @@ def humaneval_problems(limit: int | None = None) -> list[dict]:
     return problems[:limit] if limit else problems
 
 
-def score_humaneval_completions(problems: list[dict], completions: list[str], timeout: float = 5.0) -> dict:
+def score_humaneval_completions(problems: list[dict], completions: list[str], timeout: float = 5.0,
+                                allow_unsafe: bool | None = None) -> dict:
     """pass@1 of one completion per problem, each run in the sandbox against the problem's tests."""
     from upcycle.eval.sandbox import run_program
 
@@ -105,17 +106,20 @@ def score_humaneval_completions(problems: list[dict], completions: list[str], ti
     for problem, completion in zip(problems, completions):
         program = problem["prompt"] + completion
         test = problem["test"] + f"\ncheck({problem['entry_point']})\n"
-        passed.append(run_program(program, [test], timeout=timeout).all_passed)
+        passed.append(run_program(program, [test], timeout=timeout, allow_unsafe=allow_unsafe).all_passed)
     return {"pass@1": sum(passed) / len(passed), "n": len(passed)}
 
 
-def run_humaneval(model, tokenizer, limit: int | None, max_new_tokens: int = 256, batch_size: int = 8) -> dict:
+def run_humaneval(model, tokenizer, limit: int | None, max_new_tokens: int = 256, batch_size: int = 8,
+                  allow_unsafe: bool | None = None) -> dict:
+    from upcycle.eval.sandbox import require_isolation
     from upcycle.eval.suite_eval import generate
 
+    require_isolation(allow_unsafe)  # refuse before generating, not after
     problems = humaneval_problems(limit)
     raw = generate(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens, batch_size)
     completions = [stop_at_new_block(c) for c in raw]
-    return score_humaneval_completions(problems, completions)
+    return score_humaneval_completions(problems, completions, allow_unsafe=allow_unsafe)
 
 
 def stop_at_new_block(completion: str) -> str:

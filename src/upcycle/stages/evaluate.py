@@ -52,6 +52,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     from upcycle.eval import benchmarks
 
     started = time.perf_counter()
+    if cfg.suite or cfg.humaneval:
+        from upcycle.eval.sandbox import require_isolation
+        require_isolation()  # both run model-written code: refuse before loading anything
     model, tokenizer, is_moe = load_for_eval(cfg.model, cfg.base)
     results: dict = {"model": str(cfg.model), "moe": is_moe}
     if cfg.suite or (cfg.routing and is_moe):
