@@ -2,7 +2,8 @@
 
 It is rewritten atomically (temporary file + rename) after each complete unit of work, so a kill
 at any moment leaves either the old record or the new one, never a half-written one, and a
-listed checkpoint is always a complete one.
+listed checkpoint is always a complete one. Under torchrun only rank 0 writes it (upcycle/distributed.py):
+`save` does nothing on the other ranks, which `reload` what rank 0 wrote after waiting for it.
 """
 
 from __future__ import annotations
@@ -61,7 +62,15 @@ class Manifest:
         return m
 
     def save(self) -> None:
-        atomic_write_text(self.folder / MANIFEST, json.dumps(self.data, indent=2, default=str))
+        from upcycle.distributed import is_main
+
+        if is_main():
+            atomic_write_text(self.folder / MANIFEST, json.dumps(self.data, indent=2, default=str))
+
+    def reload(self) -> "Manifest":
+        """What rank 0 wrote (call it once every rank has waited for rank 0)."""
+        self.data = json.loads((self.folder / MANIFEST).read_text())
+        return self
 
     @property
     def checkpoints(self) -> list[dict]:

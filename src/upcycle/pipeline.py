@@ -8,7 +8,8 @@ config hash and the content hash of the stage's own manifest when it finished. O
 finished stage whose manifest is unchanged is skipped; an unfinished one resumes (each stage
 resumes from its last complete checkpoint); a stage whose folder was made by a different config
 is refused before anything is written, unless `--redo STAGE` clears it and every stage after it.
-One `upcycle run` writes a run folder at a time (a lock beside it, held by rank 0 under torchrun),
+One `upcycle run` writes a run folder at a time (a lock beside it, held by rank 0 under torchrun:
+upcycle/distributed.py states which rank does what),
 and a run folder may not be, contain or lie inside the base or a data file.
 
 Everything a stage would fail on is refused before any stage runs: each section's own validator
@@ -285,12 +286,6 @@ def results_of(cfgs: dict, out: Path) -> dict:
     return {"scores": last.get("scores"), "average": last.get("average"), "model": str(out / "prepare" / last["path"])}
 
 
-def _is_rank_zero() -> bool:
-    """Under torchrun every rank runs the pipeline; only rank 0 owns the run folder's lock and records."""
-    import os
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _inputs_of(cfg: RunConfig) -> list[Path]:
     """Paths a run reads and must never write over: the base folder and data files (not bundled ones)."""
     names = [cfg.base, *cfg.data.train, *(cfg.data.eval or [])]
@@ -312,64 +307,84 @@ def _refusals(cfgs: dict, record: dict, out: Path, redo: list[str]) -> list[str]
 
 
 def run(cfg: RunConfig, progress: bool = True, redo: list[str] | None = None) -> dict:
-    """Run the recipe's stages in order; a refused run changes nothing in the folder it refused."""
+    """Run the recipe's stages in order; a refused run changes nothing in the folder it refused.
+    Under torchrun every rank runs this; rank 0 alone plans, locks and records (upcycle/distributed.py)."""
     import contextlib
 
-    from upcycle.io.atomic import check_not_an_input, output_lock
+    from upcycle import distributed as dist
 
     started = time.perf_counter()
-    check_base(cfg)  # the recipe itself was checked when it was built (RunConfig's validators)
+    dist.init()
     cfgs = stage_configs(cfg)
     out = Path(cfg.out)
-    redo = list(redo or [])
+    record_path = out / RUN_MANIFEST
+    with contextlib.ExitStack() as lock:
+        record, todo = dist.on_rank_zero_then_wait(lambda: _plan(cfg, cfgs, list(redo or []), lock))
+        for stage, stage_cfg in cfgs.items():
+            if stage not in todo:
+                if progress and dist.is_main():
+                    print(f"[{cfg.recipe}] {stage}: done, skipped", flush=True)
+                continue
+            if progress and dist.is_main():
+                print(f"[{cfg.recipe}] {stage}: running", flush=True)
+            record["stages"][stage] = {"status": "running", "config_hash": config_hash(stage_cfg)}
+            if dist.is_main():
+                atomic_write_text(record_path, json.dumps(record, indent=2))
+            t0 = time.perf_counter()
+            _module(stage).run(stage_cfg, progress=progress)
+            dist.barrier()  # every rank's part of the stage is done (rank 0 has written its manifest)
+            record["stages"][stage] = {"status": "done", "config_hash": config_hash(stage_cfg),
+                                       "manifest_sha256": _stage_digest(out / stage),
+                                       "seconds": round(time.perf_counter() - t0, 1)}
+            if dist.is_main():
+                atomic_write_text(record_path, json.dumps(record, indent=2))
+
+        def finish() -> dict:
+            if "mix" in cfgs and "post_train" in cfgs:
+                _describe_mixed(cfg, out)
+            result = {"recipe": cfg.recipe, "stages": list(cfgs), **(results_of(cfgs, out) if cfg.evaluate else {}),
+                      "seconds": time.perf_counter() - started}
+            atomic_write_text(out / "results.json", json.dumps(result, indent=2, default=str))
+            return result
+
+        result = dist.on_rank_zero_then_wait(finish)
+    return {"out": str(out), **result}
+
+
+def _plan(cfg: RunConfig, cfgs: dict, redo: list[str], lock: "contextlib.ExitStack") -> tuple[dict, list[str]]:
+    """Rank 0, before any stage: check the base and the folder, take the lock (held in `lock` until
+    the run ends), clear what --redo names; return the run record and the stages still to run."""
+    from upcycle.io.atomic import check_not_an_input, output_lock
+
+    out = Path(cfg.out)
+    check_base(cfg)  # the recipe itself was checked when it was built (RunConfig's validators)
+    if cfg.evaluate:
+        from upcycle.eval.sandbox import require_isolation
+        require_isolation()  # scoring the suite's code domain needs the sandbox: refuse now, not after training
     check_not_an_input(out, _inputs_of(cfg))
     for name in redo:
         if name not in cfgs:
             raise UpcycleError(f"--redo {name}: not a stage of this recipe ({', '.join(cfgs)})")
+    lock.enter_context(output_lock(out))
     record_path = out / RUN_MANIFEST
-    with output_lock(out) if _is_rank_zero() else contextlib.nullcontext():
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {"recipe": cfg.recipe, "stages": {}}
-        if not redo:
-            problems = _refusals(cfgs, record, out, redo)
-            if problems:
-                raise UpcycleError(*problems)
-        out.mkdir(parents=True, exist_ok=True)
-        if _is_rank_zero():
-            dump_config(cfg, out / "recipe_resolved.yaml")
-        if redo:
-            first = min(ORDER.index(r) for r in redo)
-            for stage in [s for s in cfgs if ORDER.index(s) >= first]:
-                if _is_rank_zero():
-                    shutil.rmtree(out / stage, ignore_errors=True)
-                record["stages"].pop(stage, None)
-            _barrier()
-        for stage, stage_cfg in cfgs.items():
-            folder = out / stage
-            done = record["stages"].get(stage)
-            if done and done.get("status") == "done" and done.get("config_hash") == config_hash(stage_cfg) \
-                    and done.get("manifest_sha256") == _stage_digest(folder):
-                if progress:
-                    print(f"[{cfg.recipe}] {stage}: done, skipped", flush=True)
-                continue
-            if progress:
-                print(f"[{cfg.recipe}] {stage}: running", flush=True)
-            record["stages"][stage] = {"status": "running", "config_hash": config_hash(stage_cfg)}
-            if _is_rank_zero():
-                atomic_write_text(record_path, json.dumps(record, indent=2))
-            t0 = time.perf_counter()
-            _module(stage).run(stage_cfg, progress=progress)
-            _barrier()
-            record["stages"][stage] = {"status": "done", "config_hash": config_hash(stage_cfg),
-                                       "manifest_sha256": _stage_digest(folder), "seconds": round(time.perf_counter() - t0, 1)}
-            if _is_rank_zero():
-                atomic_write_text(record_path, json.dumps(record, indent=2))
-        if "mix" in cfgs and "post_train" in cfgs and _is_rank_zero():
-            _describe_mixed(cfg, out)
-        result = {"recipe": cfg.recipe, "stages": list(cfgs), **(results_of(cfgs, out) if cfg.evaluate else {}),
-                  "seconds": time.perf_counter() - started}
-        if _is_rank_zero():
-            atomic_write_text(out / "results.json", json.dumps(result, indent=2, default=str))
-    return {"out": str(out), **result}
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {"recipe": cfg.recipe, "stages": {}}
+    if not redo:
+        problems = _refusals(cfgs, record, out, redo)
+        if problems:
+            raise UpcycleError(*problems)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "recipe_resolved.yaml")
+    if redo:
+        first = min(ORDER.index(r) for r in redo)
+        for stage in [s for s in cfgs if ORDER.index(s) >= first]:
+            shutil.rmtree(out / stage, ignore_errors=True)
+            record["stages"].pop(stage, None)
+    def finished(stage: str) -> bool:  # done with this config, and its manifest unchanged since
+        done = record["stages"].get(stage) or {}
+        return done.get("status") == "done" and done.get("config_hash") == config_hash(cfgs[stage]) \
+            and done.get("manifest_sha256") == _stage_digest(out / stage)
+
+    return record, [stage for stage in cfgs if not finished(stage)]
 
 
 def _describe_mixed(cfg: RunConfig, out: Path) -> None:
@@ -387,9 +402,3 @@ def _describe_mixed(cfg: RunConfig, out: Path) -> None:
               f"mix: the per-domain experts as the MoE's experts, weights outside them: {cfg.mix.shared}; "
               f"router init: {cfg.mix.router_init}", card["stages"][-1]]
     update_card(model, stages=stages, **({"method": cfg.recipe} if cfg.recipe in METHODS else {}))
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()

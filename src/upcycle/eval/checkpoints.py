@@ -24,36 +24,44 @@ def suite_test_items(spec, max_per_domain: int | None):
 
 
 def evaluate_checkpoints(manifest: Manifest, base: Path, cfg, tokenizer, progress: bool = True) -> list[dict]:
-    """Each checkpoint on this process's accelerator, in the dtype prepare trained it in."""
+    """Each checkpoint on this process's accelerator, in the dtype prepare trained it in. Under
+    torchrun the checkpoints are shared out across ranks, one round of `world size` at a time, and
+    rank 0 records each round's scores (a rerun scores only what no round recorded)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from upcycle import distributed as dist
     from upcycle.devices import accelerator
     from upcycle.eval.suite_eval import evaluate_items
     from upcycle.train.engine import compute_dtype
 
     items = suite_test_items(cfg.data.suite, cfg.eval_max_items)
     todo = [c for c in manifest.checkpoints if "scores" not in c]
-    peft_model = None
-    for entry in todo:
+    loaded: dict = {}  # LoRA: one peft model per rank, its adapter weights swapped per checkpoint
+
+    def score(entry: dict) -> dict:
         ckpt = manifest.folder / entry["path"]
         if cfg.mode == "lora":
-            if peft_model is None:
+            if "peft" not in loaded:
                 from upcycle.stages.prepare import load_model
-                peft_model = load_model(base, cfg).to(accelerator())
+                loaded["peft"] = load_model(base, cfg).to(accelerator())
             from peft import set_peft_model_state_dict
-            set_peft_model_state_dict(peft_model, load_file(ckpt / "adapter_model.safetensors"))
-            model = peft_model
+            set_peft_model_state_dict(loaded["peft"], load_file(ckpt / "adapter_model.safetensors"))
+            model = loaded["peft"]
         else:
             model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=compute_dtype(cfg.train)).to(accelerator())
         result = evaluate_items(model, tokenizer, items)
-        entry["scores"] = result["scores"]
-        entry["average"] = result["average"]
-        manifest.save()
-        if progress:
-            print(f"checkpoint {entry['index']} (epoch {entry['epoch']}): "
-                  + ", ".join(f"{d} {100 * s:.1f}" for d, s in result["scores"].items()), flush=True)
-    write_report(manifest)
+        return {"scores": result["scores"], "average": result["average"]}
+
+    for start in range(0, len(todo), dist.world_size()):
+        batch = todo[start:start + dist.world_size()]
+        for entry, result in zip(batch, dist.map_sharded(score, batch)):
+            entry.update(result)
+            if progress and dist.is_main():
+                print(f"checkpoint {entry['index']} (epoch {entry['epoch']}): "
+                      + ", ".join(f"{d} {100 * s:.1f}" for d, s in result["scores"].items()), flush=True)
+        manifest.save()  # rank 0 only
+    dist.on_rank_zero_then_wait(lambda: write_report(manifest), share=False)
     return manifest.checkpoints
 
 

@@ -47,25 +47,40 @@ def domain_rows(cfg: BranchConfig, tokenizer) -> dict[str, list]:
 
 
 def run(cfg: BranchConfig, progress: bool = True) -> dict:
+    """Under torchrun rank 0 checks the data and writes the domain files; every rank then trains
+    each domain's expert through the prepare stage (upcycle/distributed.py)."""
     from transformers import AutoTokenizer
 
+    from upcycle import distributed as dist
     from upcycle.stages import prepare
 
     started = time.perf_counter()
     if cfg.base is None or cfg.out is None:
         raise UpcycleError("branch: base= and out= are required")
-    base = prepare.check_base(cfg.base)
-    groups = domain_rows(cfg, AutoTokenizer.from_pretrained(base))  # data errors before anything is written
+    dist.init()
+
+    def inputs():  # data errors before anything is written, shown once
+        base = prepare.check_base(cfg.base)
+        return base, domain_rows(cfg, AutoTokenizer.from_pretrained(base))
+
+    base, groups = dist.rank_zero_first(inputs)
     out = Path(cfg.out)
-    manifest = Manifest.open(out, "branch", config_hash(cfg), force=cfg.force, initial={"base": str(base)})
-    if not (out / "upcycle_config.yaml").exists():
-        dump_config(cfg, out / "upcycle_config.yaml")
-    (out / DATA).mkdir(exist_ok=True)
+
+    def open_folder() -> Manifest:
+        m = Manifest.open(out, "branch", config_hash(cfg), force=cfg.force, initial={"base": str(base)})
+        if not (out / "upcycle_config.yaml").exists():
+            dump_config(cfg, out / "upcycle_config.yaml")
+        (out / DATA).mkdir(exist_ok=True)
+        for domain, convs in groups.items():
+            atomic_write_text(out / DATA / f"{domain}.jsonl",
+                              "".join(json.dumps({"messages": c.messages, **c.meta}) + "\n" for c in convs))
+        return m
+
+    manifest = dist.on_rank_zero_then_wait(open_folder)
     lineage = []
     for domain, convs in groups.items():
         data_file = out / DATA / f"{domain}.jsonl"
-        atomic_write_text(data_file, "".join(json.dumps({"messages": c.messages, **c.meta}) + "\n" for c in convs))
-        if progress:
+        if progress and dist.is_main():
             print(f"branch: {domain}: {len(convs)} rows", flush=True)
         # The rows are already the training split (eval held out as the other stages hold it out).
         data = cfg.data.model_copy(update={"train": [str(data_file)], "eval": None, "eval_fraction": 0.0, "limit": None})
@@ -78,6 +93,6 @@ def run(cfg: BranchConfig, progress: bool = True) -> dict:
                         "expert": str((out / EXPERTS / domain / record["checkpoints"][-1]["path"]).resolve()),
                         "mode": cfg.mode, "epochs": cfg.train.epochs})
     manifest.data.update(domains=lineage, kind="lora" if cfg.mode == "lora" else "ffn", complete=True)
-    manifest.save()
+    manifest.save()  # rank 0 only
     return {"out": str(out), "experts": [d["expert"] for d in lineage], "domains": lineage,
             "seconds": time.perf_counter() - started}

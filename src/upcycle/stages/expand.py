@@ -185,6 +185,15 @@ def _grams_from_json(data: dict) -> dict[int, torch.Tensor]:
 
 
 def run(cfg: ExpandConfig, progress: bool = True) -> dict:
+    """Under torchrun rank 0 expands while the other ranks wait (upcycle/distributed.py): each round
+    depends on the one before (a child may be the next parent), and the work is streamed from disk."""
+    from upcycle import distributed as dist
+
+    dist.init()
+    return dist.on_rank_zero_then_wait(lambda: _expand(cfg, progress))
+
+
+def _expand(cfg: ExpandConfig, progress: bool) -> dict:
     started = time.perf_counter()
     if cfg.prepare is None or cfg.out is None:
         raise UpcycleError("expand: prepare= and out= are required")

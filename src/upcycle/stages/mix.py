@@ -389,9 +389,14 @@ def ppl_routers(model, cfg: MixConfig, tokenizer, out: Path, progress: bool) -> 
 
     p = cfg.ppl
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    data = build_datasets(cfg.data.model_copy(update={"eval_fraction": 0.0, "packing": False}), tokenizer, cfg.seed)
-    chosen = seed_indices(len(data.train), SimpleNamespace(seed=cfg.seed, seed_count=p.seed_count,
-                                                           seed_fraction=p.seed_fraction))
+    from upcycle import distributed as dist
+
+    def seed_data():  # rank 0 first: a data error is shown once
+        data = build_datasets(cfg.data.model_copy(update={"eval_fraction": 0.0, "packing": False}), tokenizer, cfg.seed)
+        return data, seed_indices(len(data.train), SimpleNamespace(seed=cfg.seed, seed_count=p.seed_count,
+                                                                    seed_fraction=p.seed_fraction))
+
+    data, chosen = dist.rank_zero_first(seed_data)
     samples = [data.train.samples[i] for i in chosen]
     domains = [s.meta.get("domain") for s in samples]
     n, k = model.upcycle_spec.num_experts, model.upcycle_spec.top_k
@@ -438,30 +443,40 @@ def card_info(cfg: MixConfig, mix: Mixture, method: str = "mix") -> dict:
 
 
 def run(cfg: MixConfig, progress: bool = True, method: str = "mix") -> dict:
+    """Under torchrun rank 0 checks the inputs and writes the folder; every rank computes the routers
+    (ppl: sharded scoring and the Trainer's router training; the other inits are cheap and seeded,
+    the same on every rank) (upcycle/distributed.py)."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
+    from upcycle import distributed as dist
     from upcycle.export.save import resolve_format, write_moe_folder
     from upcycle.io.atomic import check_output_dir
 
     started = time.perf_counter()
     if cfg.base is None or cfg.out is None:
         raise UpcycleError("mix: base= and out= are required")
-    paths = expert_paths(cfg)
-    mix = open_mixture(cfg.base, paths, cfg.check_base, cfg.max_drift)
-    spec = mix_spec(mix, cfg.moe)
-    if cfg.prompts is not None and cfg.router_init in ("prompts", "cheap_embed") and len(cfg.prompts) != len(paths):
-        raise UpcycleError(f"prompts: {len(cfg.prompts)} entries for {len(paths)} experts; give one per expert")
-    target = resolve_format(cfg.export.format, mix.config, spec, cfg.export.lora_storage)
+    dist.init()
+
+    def inputs():
+        paths = expert_paths(cfg)
+        mix = open_mixture(cfg.base, paths, cfg.check_base, cfg.max_drift)
+        spec = mix_spec(mix, cfg.moe)
+        if cfg.prompts is not None and cfg.router_init in ("prompts", "cheap_embed") and len(cfg.prompts) != len(paths):
+            raise UpcycleError(f"prompts: {len(cfg.prompts)} entries for {len(paths)} experts; give one per expert")
+        target = resolve_format(cfg.export.format, mix.config, spec, cfg.export.lora_storage)
+        check_output_dir(Path(cfg.out), True, inputs=[mix.base.path, *paths])
+        return paths, mix, spec, target
+
+    paths, mix, spec, target = dist.rank_zero_first(inputs)
     out = Path(cfg.out)
     inputs = [mix.base.path, *paths]
-    check_output_dir(out, True, inputs=inputs)
-    manifest = Manifest.open(out, "mix", config_hash(cfg), force=cfg.force, initial={
+    manifest = dist.on_rank_zero_then_wait(lambda: Manifest.open(out, "mix", config_hash(cfg), force=cfg.force, initial={
         "base": str(mix.base.path), "kind": mix.kind,
-        "experts": [{"path": str(Path(p).resolve()), "origin": "checkpoint"} for p in paths]})
+        "experts": [{"path": str(Path(p).resolve()), "origin": "checkpoint"} for p in paths]}))
     if manifest.complete:
         return {"out": str(out), "model": str(out / MODEL), **{k: manifest.data.get(k) for k in ("format", "routing")}}
-    if not (out / "upcycle_config.yaml").exists():
+    if dist.is_main() and not (out / "upcycle_config.yaml").exists():
         dump_config(cfg, out / "upcycle_config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(mix.base.path)
     source = MixSource(mix, cfg.shared)
@@ -478,30 +493,35 @@ def run(cfg: MixConfig, progress: bool = True, method: str = "mix") -> dict:
         else:
             source.routers, report = ppl_routers(model, cfg, tokenizer, out, progress)
         del model
-    save_file({f"model.layers.{l}.mlp.router.weight": w.contiguous() for l, w in source.routers.items()},
-              out / ROUTERS, metadata={"format": "pt"})
 
-    def extra(tmp: Path) -> None:
-        mix.base.copy_tokenizer(tmp)
-        dump_config(cfg, tmp / "upcycle_config.yaml")
+    def write() -> dict:  # rank 0: the routers and the model folder
+        save_file({f"model.layers.{l}.mlp.router.weight": w.contiguous() for l, w in source.routers.items()},
+                  out / ROUTERS, metadata={"format": "pt"})
 
-    base_ref = None
-    if mix.kind == "lora" and cfg.export.lora_storage == "compact":
-        outside = sorted(source.lora_other_deltas())
-        if outside:  # a compact folder holds the MoE tensors only; the rest is read back from the base
-            raise UpcycleError(f"export.lora_storage: compact keeps only the base's weights outside the MLPs, but the "
-                               f"adapters also change {outside[0]} (shared={cfg.shared!r}); use "
-                               "export.lora_storage=materialize, or shared=base to leave those deltas out")
-        base_ref = {"path": str(mix.base.path.resolve()), "fingerprint": mix.base.fingerprint()}
-    moe_dtype = mix.base.reader().tensors[f"model.layers.{mix.layers[0]}.mlp.gate_proj.weight"].dtype
-    provenance = {"tool": "upcycle mix", "base": str(mix.base.path.resolve()), "base_fingerprint": mix.base.fingerprint(),
-                  "experts": mix.checks, "shared": cfg.shared, "router_init": cfg.router_init, "moe_layers": mix.layers}
-    written = write_moe_folder(out / MODEL, target=target, dense_cfg=mix.config, spec=spec, moe_layers=mix.layers,
-                               passthrough=passthrough(mix), provider=source, moe_dtype=moe_dtype, export=cfg.export,
-                               force=True, extra=extra, provenance=provenance, base_ref=base_ref, progress=progress,
-                               card=card_info(cfg, mix, method), inputs=inputs)
-    manifest.data.update(format=written["format"], files=written["files"], parameters=written["parameters"],
-                         checks=mix.checks, routing=report, complete=True)
-    manifest.save()
+        def extra(tmp: Path) -> None:
+            mix.base.copy_tokenizer(tmp)
+            dump_config(cfg, tmp / "upcycle_config.yaml")
+
+        base_ref = None
+        if mix.kind == "lora" and cfg.export.lora_storage == "compact":
+            outside = sorted(source.lora_other_deltas())
+            if outside:  # a compact folder holds the MoE tensors only; the rest is read back from the base
+                raise UpcycleError(f"export.lora_storage: compact keeps only the base's weights outside the MLPs, but the "
+                                   f"adapters also change {outside[0]} (shared={cfg.shared!r}); use "
+                                   "export.lora_storage=materialize, or shared=base to leave those deltas out")
+            base_ref = {"path": str(mix.base.path.resolve()), "fingerprint": mix.base.fingerprint()}
+        moe_dtype = mix.base.reader().tensors[f"model.layers.{mix.layers[0]}.mlp.gate_proj.weight"].dtype
+        provenance = {"tool": "upcycle mix", "base": str(mix.base.path.resolve()), "base_fingerprint": mix.base.fingerprint(),
+                      "experts": mix.checks, "shared": cfg.shared, "router_init": cfg.router_init, "moe_layers": mix.layers}
+        written = write_moe_folder(out / MODEL, target=target, dense_cfg=mix.config, spec=spec, moe_layers=mix.layers,
+                                   passthrough=passthrough(mix), provider=source, moe_dtype=moe_dtype, export=cfg.export,
+                                   force=True, extra=extra, provenance=provenance, base_ref=base_ref, progress=progress,
+                                   card=card_info(cfg, mix, method), inputs=inputs)
+        manifest.data.update(format=written["format"], files=written["files"], parameters=written["parameters"],
+                             checks=mix.checks, routing=report, complete=True)
+        manifest.save()
+        return {"format": written["format"]}
+
+    written = dist.on_rank_zero_then_wait(write)
     return {"out": str(out), "model": str(out / MODEL), "format": written["format"], "routing": report,
             "seconds": time.perf_counter() - started}

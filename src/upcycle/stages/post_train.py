@@ -163,9 +163,11 @@ def expert_load_entropy(model, samples, pad_id: int, batch_size: int = 16) -> di
 
 
 def run(cfg: PostTrainConfig, progress: bool = True, callbacks: list | None = None) -> dict:
-    """Train and export; `callbacks` are extra transformers TrainerCallbacks (logging, custom stops)."""
+    """Train and export; `callbacks` are extra transformers TrainerCallbacks (logging, custom stops).
+    Under torchrun every rank trains; rank 0 owns the folder, exports and scores (upcycle/distributed.py)."""
     from transformers import AutoTokenizer
 
+    from upcycle import distributed as dist
     from upcycle.data.build import build_datasets
     from upcycle.data.dataset import Collator
     from upcycle.devices import accelerator, cast_parameters, fp32_master_weights
@@ -177,14 +179,24 @@ def run(cfg: PostTrainConfig, progress: bool = True, callbacks: list | None = No
     started = time.perf_counter()
     if cfg.out is None:
         raise UpcycleError("post_train: out= is required")
-    model, token_source = build_model(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(token_source)
+    dist.init()
+
+    def inputs():  # every rank loads them, after rank 0 has checked them (an error is shown once)
+        model, token_source = build_model(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(token_source)
+        return model, token_source, tokenizer, build_datasets(cfg.data, tokenizer, cfg.seed)
+
+    model, token_source, tokenizer, data = dist.rank_zero_first(inputs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    data = build_datasets(cfg.data, tokenizer, cfg.seed)
     out = Path(cfg.out)
-    manifest = Manifest.open(out, "post_train", config_hash(cfg), force=cfg.force, initial={"source": cfg.source})
-    if not (out / "upcycle_config.yaml").exists():
-        dump_config(cfg, out / "upcycle_config.yaml")
+
+    def open_folder() -> Manifest:
+        m = Manifest.open(out, "post_train", config_hash(cfg), force=cfg.force, initial={"source": cfg.source})
+        if not (out / "upcycle_config.yaml").exists():
+            dump_config(cfg, out / "upcycle_config.yaml")
+        return m
+
+    manifest = dist.on_rank_zero_then_wait(open_folder)
     # The spec's training-time settings (aux coefficient, jitter, z-loss) come from this stage's config.
     model.upcycle_spec = model.upcycle_spec.model_copy(update={
         k: getattr(cfg.moe, k) for k in ("aux_loss_coef", "aux_loss_scope", "z_loss_coef", "router_jitter")})
@@ -196,7 +208,7 @@ def run(cfg: PostTrainConfig, progress: bool = True, callbacks: list | None = No
         which = resolve_trainable(cfg, model)
         count = apply_trainable(model, which)
         fp32_master_weights(model)
-        if progress:
+        if progress and dist.is_main():
             print(f"post-train: {data.summary()}\n  training {count} parameters ({which})", flush=True)
         args = training_arguments(cfg.train, out / CHECKPOINTS, cfg.seed, packing=cfg.data.packing, moe=True,
                                   progress=progress)
@@ -207,31 +219,39 @@ def run(cfg: PostTrainConfig, progress: bool = True, callbacks: list | None = No
         if not progress:
             from transformers.trainer_callback import PrinterCallback
             trainer.remove_callback(PrinterCallback)
-        resume = clean_unlisted_checkpoints(manifest, CHECKPOINTS)
+        resume = dist.on_rank_zero_then_wait(lambda: clean_unlisted_checkpoints(manifest, CHECKPOINTS))
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         cast_parameters(model, compute_dtype(cfg.train))  # fp32 master copies back: export keeps the precision
-        if not trainer.is_world_process_zero():  # under torchrun, rank 0 exports and evaluates
-            return {"out": str(out), "rank": trainer.args.process_index}
-        summary = save_moe(model, out / MODEL, format=cfg.export.format, dtype=cfg.export.dtype,
-                           max_shard_size=cfg.export.max_shard_size, lora_storage=cfg.export.lora_storage, force=True,
-                           tokenizer=tokenizer, base_path=token_source, progress=False, card=card_info(cfg, which))
-        manifest.data["export"] = {k: summary[k] for k in ("format", "files", "parameters")}
-        eval_samples = (data.eval.samples if data.eval is not None else data.train.samples)[:256]
-        if isinstance(eval_samples[0], dict):  # packed training blocks: use unpacked eval samples only
-            eval_samples = data.eval.samples[:256] if data.eval is not None else []
-        if eval_samples:
-            manifest.data["expert_load_entropy"] = expert_load_entropy(model, eval_samples, pad)
-        manifest.data["complete"] = True
-        manifest.save()
+
+        def export() -> None:  # rank 0 exports (the other ranks hold the same weights: DDP)
+            summary = save_moe(model, out / MODEL, format=cfg.export.format, dtype=cfg.export.dtype,
+                               max_shard_size=cfg.export.max_shard_size, lora_storage=cfg.export.lora_storage,
+                               force=True, tokenizer=tokenizer, base_path=token_source, progress=False,
+                               card=card_info(cfg, which))
+            manifest.data["export"] = {k: summary[k] for k in ("format", "files", "parameters")}
+            eval_samples = (data.eval.samples if data.eval is not None else data.train.samples)[:256]
+            if isinstance(eval_samples[0], dict):  # packed training blocks: use unpacked eval samples only
+                eval_samples = data.eval.samples[:256] if data.eval is not None else []
+            if eval_samples:
+                manifest.data["expert_load_entropy"] = expert_load_entropy(model, eval_samples, pad)
+            manifest.data["complete"] = True
+            manifest.save()
+
+        dist.on_rank_zero_then_wait(export, share=False)
+        manifest.reload()
     if cfg.evaluate and "scores" not in manifest.data:
         from upcycle.eval.checkpoints import suite_test_items
         from upcycle.eval.suite_eval import evaluate_items
 
-        model.to(accelerator())  # a rerun that only evaluates has not been placed by the Trainer
-        result = evaluate_items(model, tokenizer, suite_test_items(cfg.data.suite, cfg.eval_max_items))
-        manifest.data.update(scores=result["scores"], average=result["average"])
-        manifest.save()
-        update_card(out / MODEL, scores={**result["scores"], "average": result["average"]})
-        (out / "suite_outputs.json").write_text(json.dumps(result["outputs"], indent=1))
+        def evaluate() -> None:  # rank 0 (generation batches as in one process); the others wait
+            model.to(accelerator())  # a rerun that only evaluates has not been placed by the Trainer
+            result = evaluate_items(model, tokenizer, suite_test_items(cfg.data.suite, cfg.eval_max_items))
+            manifest.data.update(scores=result["scores"], average=result["average"])
+            manifest.save()
+            update_card(out / MODEL, scores={**result["scores"], "average": result["average"]})
+            (out / "suite_outputs.json").write_text(json.dumps(result["outputs"], indent=1))
+
+        dist.on_rank_zero_then_wait(evaluate, share=False)
+        manifest.reload()
     return {"out": str(out), "model": str(out / MODEL), **{k: manifest.data.get(k) for k in
             ("export", "scores", "average", "expert_load_entropy")}, "seconds": time.perf_counter() - started}

@@ -58,8 +58,11 @@ def load_model(base: Path, cfg: PrepareConfig):
 
 
 def run(cfg: PrepareConfig, progress: bool = True) -> dict:
+    """Under torchrun: rank 0 checks the inputs and owns the folder, every rank trains, the
+    checkpoints are scored sharded by checkpoint (upcycle/distributed.py)."""
     from transformers import AutoTokenizer, Trainer
 
+    from upcycle import distributed as dist
     from upcycle.data.build import build_datasets
     from upcycle.data.dataset import Collator
     from upcycle.train.engine import training_arguments
@@ -67,18 +70,24 @@ def run(cfg: PrepareConfig, progress: bool = True) -> dict:
     started = time.perf_counter()
     if cfg.base is None or cfg.out is None:
         raise UpcycleError("prepare: base= and out= are required")
-    base = check_base(cfg.base)
+    dist.init()
+    base = dist.rank_zero_first(lambda: check_base(cfg.base))
     tokenizer = AutoTokenizer.from_pretrained(base)
-    data = build_datasets(cfg.data, tokenizer, cfg.seed)  # data errors before anything is written
+    data = dist.rank_zero_first(lambda: build_datasets(cfg.data, tokenizer, cfg.seed))  # errors before any write
     out = Path(cfg.out)
-    manifest = Manifest.open(out, "prepare", config_hash(cfg), force=cfg.force, initial={"mode": cfg.mode, "base": str(base)})
-    if not (out / "upcycle_config.yaml").exists():
-        dump_config(cfg, out / "upcycle_config.yaml")
-    if progress:
+
+    def open_folder() -> Manifest:
+        m = Manifest.open(out, "prepare", config_hash(cfg), force=cfg.force, initial={"mode": cfg.mode, "base": str(base)})
+        if not (out / "upcycle_config.yaml").exists():
+            dump_config(cfg, out / "upcycle_config.yaml")
+        return m
+
+    manifest = dist.on_rank_zero_then_wait(open_folder)
+    if progress and dist.is_main():
         print(data.summary(), flush=True)
 
     if not manifest.complete:
-        model = load_model(base, cfg)
+        model = dist.rank_zero_first(lambda: load_model(base, cfg))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         args = training_arguments(cfg.train, out / CHECKPOINTS, cfg.seed, packing=cfg.data.packing,
                                   progress=progress)
@@ -89,19 +98,19 @@ def run(cfg: PrepareConfig, progress: bool = True) -> dict:
         if not progress:
             from transformers.trainer_callback import PrinterCallback
             trainer.remove_callback(PrinterCallback)
-        resume = clean_unlisted_checkpoints(manifest)
+        resume = dist.on_rank_zero_then_wait(lambda: clean_unlisted_checkpoints(manifest))
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        if trainer.is_world_process_zero():
+
+        def finish() -> None:  # rank 0 listed the checkpoints
             if len(manifest.checkpoints) != manifest.data.get("planned"):
                 raise UpcycleError(f"prepare: {len(manifest.checkpoints)} checkpoints saved, {manifest.data.get('planned')} planned")
             manifest.data["complete"] = True
             manifest.data["train_report"] = data.train_report.__dict__
             manifest.save()
-        del trainer, model
-    import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        return {"out": str(out), "checkpoints": len(manifest.checkpoints), "rank": dist.get_rank()}
+        dist.on_rank_zero_then_wait(finish, share=False)
+        manifest.reload()
+        del trainer, model
     if cfg.evaluate:
         from upcycle.eval.checkpoints import evaluate_checkpoints
 

@@ -94,19 +94,27 @@ def response_nll_chunked(model, ids: torch.Tensor, labels: torch.Tensor, mask: t
 @torch.no_grad()
 def score_experts(model, samples, num_experts: int, batch_size: int, pad_id: int, progress: bool = False) -> torch.Tensor:
     """(samples, experts) perplexities (a CPU tensor): every expert in one forward per batch (rows
-    replicated per expert), the NLL in chunks (`response_nll_chunked`)."""
+    replicated per expert), the NLL in chunks (`response_nll_chunked`). Under torchrun every rank
+    calls it and scores its share of the batches (the same batches as one process: same numbers)."""
+    from upcycle import distributed as dist
     from upcycle.moe.model import force_experts
 
     model.eval()
-    out = []
-    for i in tqdm(range(0, len(samples), batch_size), desc="scoring", disable=not progress, mininterval=0.5):
-        ids, labels, mask = to_model_device(_batch(samples[i:i + batch_size], pad_id), model)
+    bar = tqdm(total=len(dist.shard(range(0, len(samples), batch_size))), desc="scoring", mininterval=0.5,
+               disable=not progress)
+
+    def score(start: int) -> torch.Tensor:
+        ids, labels, mask = to_model_device(_batch(samples[start:start + batch_size], pad_id), model)
         b = ids.shape[0]
         experts = torch.arange(num_experts, device=ids.device).repeat_interleave(b)  # (N*b,): copy e -> expert e
         with force_experts(model, experts):
             nll = response_nll_chunked(model, ids.repeat(num_experts, 1), labels.repeat(num_experts, 1),
                                        mask.repeat(num_experts, 1))
-        out.append(nll.reshape(num_experts, b).T.cpu())
+        bar.update()
+        return nll.reshape(num_experts, b).T.cpu()
+
+    out = dist.map_sharded(score, range(0, len(samples), batch_size))
+    bar.close()
     return torch.cat(out).exp()
 
 
@@ -125,11 +133,21 @@ def score_one_expert(model, samples, expert: int, batch_size: int, pad_id: int) 
 
 
 def assign_buckets(ppl: torch.Tensor, mode: str, seed: int) -> torch.Tensor:
-    """Owner expert per sample: lowest perplexity (ties: lowest index), or uniformly random (ablation)."""
+    """Owner expert per sample (ties: lowest index, as argmin returns the first of equal minima).
+
+    perplexity  the paper's rule: the expert with the lowest perplexity on the sample.
+    relative    the expert whose perplexity on the sample is lowest *relative to its own median*
+                over the seed set (log ppl minus the median log ppl): an expert that is better on
+                everything no longer owns everything; each sample goes where it stands out most.
+    random      uniformly random owners (the ablation).
+    """
     if mode == "random":
         g = torch.Generator().manual_seed(seed)
         return torch.randint(0, ppl.shape[1], (ppl.shape[0],), generator=g)
-    return ppl.argmin(dim=1)  # argmin returns the first of equal minima
+    if mode == "relative":
+        log_ppl = ppl.double().log()
+        return (log_ppl - log_ppl.median(dim=0).values).argmin(dim=1)
+    return ppl.argmin(dim=1)
 
 
 def fill_empty_buckets(owners: torch.Tensor, ppl: torch.Tensor, mode: str) -> tuple[torch.Tensor, list[str]]:
@@ -161,24 +179,29 @@ def fill_empty_buckets(owners: torch.Tensor, ppl: torch.Tensor, mode: str) -> tu
 
 @torch.no_grad()
 def owner_share(model, samples, owners: torch.Tensor, top_k: int, pad_id: int, batch_size: int = 16) -> dict:
-    """Per layer: the share of bucket tokens whose top-k (and top-1) experts include their owner."""
+    """Per layer: the share of bucket tokens whose top-k (and top-1) experts include their owner.
+    Under torchrun every rank calls it and counts its share of the batches."""
+    from upcycle import distributed as dist
     from upcycle.moe.model import router_logits
 
     model.eval()
-    hits_k, hits_1, total = None, None, 0
-    for i in range(0, len(samples), batch_size):
-        ids, _, mask = to_model_device(_batch(samples[i:i + batch_size], pad_id), model)
+
+    def count(start: int) -> tuple[list[int], list[int], int]:
+        ids, _, mask = to_model_device(_batch(samples[start:start + batch_size], pad_id), model)
         model(input_ids=ids, attention_mask=mask)
-        owner_tok = owners[i:i + batch_size].to(ids.device).repeat_interleave(ids.shape[1])
+        owner_tok = owners[start:start + batch_size].to(ids.device).repeat_interleave(ids.shape[1])
         keep = mask.reshape(-1).bool()
         layer_k, layer_1 = [], []
         for logits in router_logits(model):
             top = torch.topk(logits, top_k, dim=-1).indices
             layer_k.append(((top == owner_tok[:, None]).any(-1) & keep).sum().item())
             layer_1.append(((top[:, 0] == owner_tok) & keep).sum().item())
-        hits_k = layer_k if hits_k is None else [a + b for a, b in zip(hits_k, layer_k)]
-        hits_1 = layer_1 if hits_1 is None else [a + b for a, b in zip(hits_1, layer_1)]
-        total += keep.sum().item()
+        return layer_k, layer_1, keep.sum().item()
+
+    counts = dist.map_sharded(count, range(0, len(samples), batch_size))
+    hits_k = [sum(col) for col in zip(*(c[0] for c in counts))]
+    hits_1 = [sum(col) for col in zip(*(c[1] for c in counts))]
+    total = sum(c[2] for c in counts)
     return {"top_k": [h / total for h in hits_k], "top_1": [h / total for h in hits_1], "tokens": total}
 
 
@@ -270,51 +293,71 @@ def run(cfg: RouteConfig, progress: bool = True) -> dict:
     from upcycle.data.dataset import Collator, InstructionDataset
     from upcycle.moe.assemble import router_state_dict
     from upcycle.train.checkpoints import clean_unlisted_checkpoints, make_recorder
+    from upcycle import distributed as dist
     from upcycle.train.engine import compute_dtype, training_arguments
 
     started = time.perf_counter()
     if cfg.expand is None or cfg.out is None:
         raise UpcycleError("route: expand= and out= are required")
-    pool = pool_from_expand(cfg.expand)
-    if cfg.moe.top_k > len(pool["experts"]):
-        raise UpcycleError(f"moe.top_k: {cfg.moe.top_k} is larger than the pool's {len(pool['experts'])} experts")
-    tokenizer = AutoTokenizer.from_pretrained(pool["base"])
+    dist.init()
+
+    def inputs():  # every rank loads them, after rank 0 has checked them (an error is shown once)
+        pool = pool_from_expand(cfg.expand)
+        if cfg.moe.top_k > len(pool["experts"]):
+            raise UpcycleError(f"moe.top_k: {cfg.moe.top_k} is larger than the pool's {len(pool['experts'])} experts")
+        tokenizer = AutoTokenizer.from_pretrained(pool["base"])
+        data_spec = cfg.data.model_copy(update={"eval_fraction": 0.0, "packing": False})
+        data = build_datasets(data_spec, tokenizer, cfg.seed)
+        return pool, tokenizer, data, seed_indices(len(data.train), cfg)
+
+    pool, tokenizer, data, chosen = dist.rank_zero_first(inputs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    data_spec = cfg.data.model_copy(update={"eval_fraction": 0.0, "packing": False})
-    data = build_datasets(data_spec, tokenizer, cfg.seed)
-    chosen = seed_indices(len(data.train), cfg)
     samples = [data.train.samples[i] for i in chosen]
     domains = [s.meta.get("domain") for s in samples]
 
     out = Path(cfg.out)
-    manifest = Manifest.open(out, "route", config_hash(cfg), force=cfg.force, initial={"expand": str(cfg.expand)})
-    if not (out / "upcycle_config.yaml").exists():
-        dump_config(cfg, out / "upcycle_config.yaml")
+
+    def open_folder() -> Manifest:
+        m = Manifest.open(out, "route", config_hash(cfg), force=cfg.force, initial={"expand": str(cfg.expand)})
+        if not (out / "upcycle_config.yaml").exists():
+            dump_config(cfg, out / "upcycle_config.yaml")
+        return m
+
+    manifest = dist.on_rank_zero_then_wait(open_folder)
     spec = cfg.moe.model_copy(update={"aux_loss_coef": 0.0, "z_loss_coef": 0.0})  # the route loss is its own
     dtype = compute_dtype(cfg.train)
-    model = build_pool_model(pool, spec, cfg.shared_weights, cfg.seed, dtype=dtype).to(accelerator())
+    model = dist.rank_zero_first(lambda: build_pool_model(pool, spec, cfg.shared_weights, cfg.seed, dtype=dtype)
+                                 .to(accelerator()))
     n = len(pool["experts"])
 
-    # 1. perplexity of every seed sample under every expert, then buckets
+    # 1. perplexity of every seed sample under every expert (sharded by batch), then buckets (rank 0)
     if "owners" not in manifest.data:
         ppl = score_experts(model, samples, n, cfg.score_batch_size, pad, progress)
-        owners = assign_buckets(ppl, cfg.buckets, cfg.seed)
-        owners, notes = fill_empty_buckets(owners, ppl, cfg.empty_bucket)
-        buckets = {str(e): {"size": int((owners == e).sum()), "domains": _count([d for d, o in zip(domains, owners) if o == e])}
-                   for e in range(n)}
-        atomic_write_text(out / "perplexity.json", json.dumps({"samples": chosen, "domains": domains, "ppl": ppl.tolist(),
-                                                                "owners": owners.tolist(), "buckets": buckets, "notes": notes}))
-        manifest.data.update(owners=owners.tolist(), buckets=buckets, notes=notes,
-                             share_before=owner_share(model, samples, owners, spec.top_k, pad))
-        manifest.save()
-        plot_buckets(ppl, owners, domains, out / "buckets.png")
+
+        def buckets_of() -> tuple[torch.Tensor, list[str]]:
+            return fill_empty_buckets(assign_buckets(ppl, cfg.buckets, cfg.seed), ppl, cfg.empty_bucket)
+
+        owners, notes = dist.on_rank_zero_then_wait(buckets_of)
+        share_before = owner_share(model, samples, owners, spec.top_k, pad)
+
+        def record_buckets() -> None:
+            buckets = {str(e): {"size": int((owners == e).sum()), "domains": _count([d for d, o in zip(domains, owners) if o == e])}
+                       for e in range(n)}
+            atomic_write_text(out / "perplexity.json", json.dumps({"samples": chosen, "domains": domains, "ppl": ppl.tolist(),
+                                                                    "owners": owners.tolist(), "buckets": buckets, "notes": notes}))
+            manifest.data.update(owners=owners.tolist(), buckets=buckets, notes=notes, share_before=share_before)
+            manifest.save()
+            plot_buckets(ppl, owners, domains, out / "buckets.png")
+
+        dist.on_rank_zero_then_wait(record_buckets, share=False)
+        manifest.reload()
     owners = torch.tensor(manifest.data["owners"])
 
-    # 2. router pre-training on the buckets
+    # 2. router pre-training on the buckets (every rank: the Trainer's), the routers written by rank 0
     if not manifest.complete:
         trainable = set_trainable(model, cfg.trainable)
         fp32_master_weights(model)
-        if progress:
+        if progress and dist.is_main():
             print(f"route: {len(samples)} seed samples, buckets {[b['size'] for b in manifest.data['buckets'].values()]}, "
                   f"training {trainable} parameters ({cfg.trainable})", flush=True)
         dataset = InstructionDataset([{"input_ids": s.input_ids, "labels": s.labels, "owner": int(o)}
@@ -328,20 +371,30 @@ def run(cfg: RouteConfig, progress: bool = True) -> dict:
         if not progress:
             from transformers.trainer_callback import PrinterCallback
             trainer.remove_callback(PrinterCallback)
-        resume = clean_unlisted_checkpoints(manifest, CHECKPOINTS)
+        resume = dist.on_rank_zero_then_wait(lambda: clean_unlisted_checkpoints(manifest, CHECKPOINTS))
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         routers = router_state_dict(model)  # the fp32 master weights
         cast_parameters(model, dtype)
-        tmp = out / f".{ROUTERS}.tmp"
-        save_file(routers, tmp, metadata={"format": "pt"})
-        tmp.replace(out / ROUTERS)
-        if cfg.trainable == "routers_and_experts":
-            from upcycle.export.save import save_moe
-            save_moe(model, out / "moe", format="upcycle", force=True, progress=False)
-        manifest.data["share_after"] = owner_share(model, samples, owners, spec.top_k, pad)
-        manifest.data["complete"] = True
-        manifest.save()
-        plot_owner_share(manifest.data["share_before"], manifest.data["share_after"], out / "owner_share.png")
+
+        def write_routers() -> None:
+            tmp = out / f".{ROUTERS}.tmp"
+            save_file(routers, tmp, metadata={"format": "pt"})
+            tmp.replace(out / ROUTERS)
+            if cfg.trainable == "routers_and_experts":
+                from upcycle.export.save import save_moe
+                save_moe(model, out / "moe", format="upcycle", force=True, progress=False)
+
+        dist.on_rank_zero_then_wait(write_routers, share=False)
+        share_after = owner_share(model, samples, owners, spec.top_k, pad)
+
+        def finish() -> None:
+            manifest.data["share_after"] = share_after
+            manifest.data["complete"] = True
+            manifest.save()
+            plot_owner_share(manifest.data["share_before"], manifest.data["share_after"], out / "owner_share.png")
+
+        dist.on_rank_zero_then_wait(finish, share=False)
+        manifest.reload()
     return {"out": str(out), "seed_samples": len(samples), "buckets": manifest.data["buckets"],
             "share_before": manifest.data["share_before"], "share_after": manifest.data.get("share_after"),
             "seconds": time.perf_counter() - started}
