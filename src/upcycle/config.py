@@ -158,6 +158,12 @@ class BuildConfig(_Section):
         return self
 
 
+BucketMode = Literal["perplexity", "relative", "random"]
+BUCKETS_HELP = ("Who owns each seed sample: perplexity (the paper: the expert with the lowest perplexity), relative "
+                "(the lowest perplexity relative to that expert's median over the seed set, so one globally "
+                "better expert does not take most samples), or random (the ablation).")
+
+
 class SuiteSpec(_Section):
     """The built-in task suite (data `suite`): sizes and the seed that draws its items."""
 
@@ -214,11 +220,32 @@ class TrainSpec(_Section):
     gradient_checkpointing: bool = False
     logging_steps: int = Field(10, gt=0)
     report_to: list[str] = Field(default_factory=list, description="e.g. [tensorboard] or [wandb].")
-    deepspeed: str | None = Field(None, description="DeepSpeed JSON config, passed to TrainingArguments.")
-    fsdp: str | None = Field(None, description="FSDP options string, passed to TrainingArguments.")
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON config (ZeRO-2/3), passed to TrainingArguments.")
+    fsdp: str | None = Field(None, description=(
+        "FSDP2 through the Trainer (GPUs only, see train/engine.py): 'full_shard' (parameters, gradients and optimizer "
+        "states sharded) or 'shard_grad_op' (parameters kept whole between forward and backward), "
+        "optionally with 'offload' (to CPU RAM) and 'auto_wrap' (the default: one unit per decoder layer)."))
+    fsdp_config: dict[str, Any] | None = Field(None, description=(
+        "Further TrainingArguments.fsdp_config keys, e.g. {activation_checkpointing: true}; implies FSDP."))
     dataloader_workers: int = Field(0, ge=0)
     sampler: Literal["group_by_length", "random", "sequential"] = Field(
         "group_by_length", description="Batch order: similar lengths together (padded), random, or file order.")
+
+    @field_validator("fsdp")
+    @classmethod
+    def _fsdp_words(cls, value: str | None) -> str | None:
+        from upcycle.train.engine import FSDP_WORDS
+
+        bad = [w for w in (value or "").split() if w not in FSDP_WORDS]
+        if bad:
+            raise ValueError(f"unknown FSDP option(s) {bad}; use {', '.join(FSDP_WORDS)} (e.g. 'full_shard auto_wrap')")
+        return value or None
+
+    @model_validator(mode="after")
+    def _one_engine(self):
+        if self.deepspeed and (self.fsdp or self.fsdp_config is not None):
+            refuse([f"{AT}deepspeed: set together with {AT}fsdp/{AT}fsdp_config; choose one engine"])
+        return self
 
 
 class PrepareConfig(_Section):
@@ -362,7 +389,7 @@ class RouteConfig(_Section):
     data: DataSpec = Field(default_factory=DataSpec)
     seed_fraction: float = Field(0.01, gt=0, le=1, description="Fraction of the training data used as seed data (paper: 1%).")
     seed_count: int | None = Field(None, gt=0, description="Or an exact number of seed samples (wins over seed_fraction).")
-    buckets: Literal["perplexity", "random"] = Field("perplexity", description="random: the ablation with random buckets.")
+    buckets: BucketMode = Field("perplexity", description=BUCKETS_HELP)
     empty_bucket: Literal["steal", "leave"] = Field(
         "steal", description="steal: an empty bucket takes the samples where its expert is closest to the owner's "
         "perplexity (up to seed/N/2, never emptying another bucket); leave: its router learns from negatives only.")
@@ -440,7 +467,7 @@ class PplInit(_Section):
 
     seed_fraction: float = Field(0.05, gt=0, le=1, description="Fraction of the training data used as seed data.")
     seed_count: int | None = Field(None, gt=0, description="Or an exact number of seed samples (wins over seed_fraction).")
-    buckets: Literal["perplexity", "random"] = "perplexity"
+    buckets: BucketMode = Field("perplexity", description=BUCKETS_HELP)
     empty_bucket: Literal["steal", "leave"] = "steal"
     alpha: float = Field(0.5, ge=0, le=1, description="loss = alpha * L_lm + (1 - alpha) * L_aux.")
     aux_target: Literal["one_hot", "positive_only"] = "one_hot"

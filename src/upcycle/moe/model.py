@@ -135,7 +135,25 @@ def _add_moe_losses(module, args, kwargs, output):
     loss = getattr(output, "loss", None)
     if module.training and loss is not None:
         spec = module.upcycle_spec
+        _check_router_gradient(module, logits, spec)
         loss = loss + spec.aux_loss_coef * losses["aux_loss"] + spec.z_loss_coef * losses["z_loss"]
     # The stock MoE output type (as Mixtral returns), so DDP and other output-rebuilding wrappers work.
     fields = {k: v for k, v in output.items() if k in ("logits", "cache", "hidden_states", "attentions")}
     return MoeCausalLMOutputWithPast(loss=loss, aux_loss=losses["aux_loss"], router_logits=tuple(logits), **fields)
+
+
+def _check_router_gradient(model: nn.Module, logits: list[torch.Tensor], spec: MoESpec) -> None:
+    """Refuse router losses that cannot train the routers they are meant for.
+
+    Under activation checkpointing the block's forward may run under no_grad (torch's reentrant
+    variant): its router logits then carry no graph, and the aux/z losses would be added to the
+    loss while silently giving the routers no gradient. The non-reentrant variant (what
+    train/engine.py asks for, and the Trainer's default) keeps the graph, and a recomputation in
+    backward only overwrites `last_router_logits` after the loss is built, so nothing counts twice.
+    """
+    if not torch.is_grad_enabled() or not (spec.aux_loss_coef or spec.z_loss_coef):
+        return
+    trained = any(b.router.weight.requires_grad for _, b in moe_blocks(model))
+    if trained and not any(l.requires_grad for l in logits):
+        raise UpcycleError("router losses have no gradient: the MoE layers ran without autograd (reentrant "
+                           "activation checkpointing?); use activation_checkpointing_kwargs={'use_reentrant': False}")

@@ -50,10 +50,48 @@ def training_arguments(train: TrainSpec, output_dir: Path, seed: int, *, packing
         dataloader_num_workers=train.dataloader_workers, use_cpu=not torch.cuda.is_available(),
         # Experts that receive no token in a step have no gradient: DDP must be told to expect that.
         ddp_find_unused_parameters=moe, disable_tqdm=not progress,
-        deepspeed=train.deepspeed, fsdp=train.fsdp or "",
+        deepspeed=train.deepspeed,
     )
+    problems = engine_problems(train)
+    if problems:
+        from upcycle.errors import UpcycleError
+        raise UpcycleError(*problems)
+    kwargs.update(fsdp_arguments(train))
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
+
+
+# train.fsdp's words -> TrainingArguments.fsdp_config entries (FSDP2, the Trainer's default version).
+# auto_wrap is the default: accelerate wraps each module class in the model's `_no_split_modules`,
+# the decoder layer for every supported family, so an MoE block is sharded with its layer.
+FSDP_WORDS = {"full_shard": {"reshard_after_forward": True}, "shard_grad_op": {"reshard_after_forward": False},
+              "offload": {"cpu_offload": True}, "auto_wrap": {}}
+
+
+def fsdp_arguments(train: TrainSpec) -> dict:
+    """The TrainingArguments that turn FSDP2 on ({} without train.fsdp / train.fsdp_config)."""
+    if not train.fsdp and train.fsdp_config is None:
+        return {}
+    config = {"version": 2}
+    for word in (train.fsdp or "full_shard").split():
+        config.update(FSDP_WORDS[word])
+    return {"fsdp": True, "fsdp_config": {**config, **(train.fsdp_config or {})}}
+
+
+def engine_problems(train: TrainSpec, gpu: bool | None = None) -> list[str]:
+    """Why the configured engine cannot run on this machine (checked before training starts).
+
+    accelerate (1.16, AcceleratorState) selects FSDP only for multi-accelerator runs (MULTI_GPU, NPU,
+    XPU, ...): under torchrun on CPU (gloo, MULTI_CPU) it drops the FSDP plugin without a word and
+    the Trainer wraps the model in DDP. That silent fallback is refused here. DeepSpeed has a CPU
+    accelerator of its own and runs ZeRO-2/3 on CPU (gloo, plus a shm op it compiles on first use).
+    """
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    if (train.fsdp or train.fsdp_config is not None) and not gpu:
+        return [f"train.fsdp={train.fsdp!r}: FSDP needs GPUs; on CPU accelerate would silently train with DDP "
+                "instead (it enables FSDP only for multi-GPU runs). Remove train.fsdp/train.fsdp_config here, "
+                "or use train.deepspeed (ZeRO-2/3 runs on CPU)"]
+    return []
 
 
 def apply_lora(model, lora: LoRATrainSpec):
