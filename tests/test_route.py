@@ -135,6 +135,18 @@ def test_ties_go_to_the_lowest_index():
     assert route.assign_buckets(torch.tensor([[2.0, 2.0, 3.0]]), "perplexity", 0).tolist() == [0]
 
 
+def test_relative_buckets_stop_a_globally_better_expert_taking_everything():
+    """Expert 0 is better on every sample, so the paper's rule hands it all four. Relative to each
+    expert's median (torch's lower median: 2 for expert 0, 4 for expert 1), by hand:
+    row 0: log 2/2 = 0 vs log 4/4 = 0 (tie -> 0); row 1: 0 vs log 3/4 < 0 -> 1;
+    row 2: log 3/2 = 0.41 vs log 8/4 = 0.69 -> 0; row 3: log 4/2 = 0.69 vs log 6/4 = 0.41 -> 1."""
+    ppl = torch.tensor([[2.0, 4.0], [2.0, 3.0], [3.0, 8.0], [4.0, 6.0]])
+    assert route.assign_buckets(ppl, "perplexity", 0).tolist() == [0, 0, 0, 0]
+    assert route.assign_buckets(ppl, "relative", 0).tolist() == [0, 1, 0, 1]
+    # scaling one expert's perplexities by a constant changes nothing (it is relative to that expert)
+    assert route.assign_buckets(ppl * torch.tensor([1.0, 10.0]), "relative", 0).tolist() == [0, 1, 0, 1]
+
+
 def test_seed_fraction_that_gives_no_samples(specialists, tmp_path):
     pool, mixed = specialists
     cfg = route_cfg(pool, mixed, tmp_path / "r", seed_fraction=0.01)
