@@ -543,6 +543,21 @@ class BranchConfig(_Section):
                                           "adapter per domain on the frozen base (Self-MoE).")
     lora: LoRATrainSpec = Field(default_factory=LoRATrainSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    # Self-MoE's self-specialization (upcycle/data/self_generate.py): the base writes each domain's data.
+    data_source: Literal["given", "self_generated"] = Field(
+        "given", description="given: each expert trains on its domain's training rows; self_generated: on pairs the "
+        "base model writes from seed_per_domain of those rows (Self-MoE), in data/<domain>.generated.jsonl.")
+    seed_per_domain: int = Field(5, gt=0, description="self_generated: seed rows drawn from each domain's training "
+                                 "split, the only real rows the experts' data comes from.")
+    generate_per_domain: int | None = Field(None, gt=0, description="self_generated: instruction/response pairs kept "
+                                            "per domain; None: as many as the domain has training rows (the given budget).")
+    shots: int = Field(3, gt=0, description="self_generated: seed examples shown in each few-shot prompt (<= seed_per_domain).")
+    max_new_tokens: int = Field(256, gt=0, description="self_generated: new tokens at most per instruction and per response.")
+    temperature: float = Field(0.7, ge=0, description="self_generated: sampling temperature; 0 = greedy.")
+    top_p: float = Field(0.9, gt=0, le=1, description="self_generated: nucleus sampling mass.")
+    generate_batch_size: int = Field(8, gt=0, description="self_generated: prompts per generate() call.")
+    max_tries: int = Field(4, gt=0, description="self_generated: at most max_tries * generate_per_domain prompts per "
+                           "domain; a domain that keeps no pair is an error, one that keeps fewer is recorded.")
     force: bool = False
 
     @model_validator(mode="after")
@@ -550,6 +565,9 @@ class BranchConfig(_Section):
         problems = []
         if self.domains is not None and (not self.domains or len(set(self.domains)) != len(self.domains)):
             problems.append(f"{AT}domains: {self.domains} must name at least one domain, each once")
+        if self.shots > self.seed_per_domain:
+            problems.append(f"{AT}shots: {self.shots} is more than {AT}seed_per_domain={self.seed_per_domain}, the seeds "
+                            "a prompt draws its examples from; lower shots or raise seed_per_domain")
         refuse(problems)
         return self
 

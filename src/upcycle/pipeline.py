@@ -107,10 +107,11 @@ def _source_upit(run: RunConfig) -> bool:
 def shared_problems(run: RunConfig) -> list[str]:
     """A stage's own seed/data/evaluate that contradicts the recipe's is refused, naming each differing key."""
     problems = []
+    connected = links(run)
     for stage, keys in SHARED.items():
         section = getattr(run, stage)
         for key in keys:
-            if key in section.model_fields_set:
+            if key in section.model_fields_set and key not in connected[stage]:  # a connected key: link_problems
                 problems += [f"{AT}{stage}.{k}: {mine!r} contradicts the recipe's {k}={theirs!r}; every stage of a "
                              f"recipe runs with its top-level {key}: change {k} instead, or remove {stage}.{key}"
                              for k, mine, theirs in _differences(key, getattr(section, key), getattr(run, key))]
@@ -136,6 +137,12 @@ def links(run: RunConfig) -> dict[str, dict]:
                                "branch": {"base": run.base, "out": out / "branch"},
                                "mix": {"base": run.base, "branch": out / "branch", "out": out / "mix"}}
     pt = run.post_train
+    if "branch" in run.stages and run.branch.data_source == "self_generated":
+        # Self-MoE trains its router on the union of the data the base wrote, not on the given rows.
+        from upcycle.stages.branch import generated_union
+
+        union = str(generated_union(out / "branch"))
+        result["post_train"]["data"] = run.data.model_copy(update={"train": [union], "eval": None, "limit": None})
     if pt.source == "upit" and "mix" in run.stages:  # the mix folder is both the pool and the routed MoE
         result["post_train"].update(expand=out / "mix", route=out / "mix")
     elif pt.source == "upit":
@@ -152,7 +159,7 @@ def link_problems(run: RunConfig) -> list[str]:
         section = getattr(run, stage)
         for key, value in values.items():
             given = getattr(section, key)
-            if key != "dense" and given is not None and given != value:
+            if key != "dense" and key in section.model_fields_set and given is not None and given != value:
                 problems.append(f"{AT}{stage}.{key}: {given}, but a recipe connects its stages itself "
                                 f"(here {stage}.{key} is {value}); remove it")
     if run.post_train.dense == "@prepare" and "prepare" not in run.stages and "post_train" in run.stages:
@@ -202,6 +209,9 @@ def implied_values(run: RunConfig) -> dict[str, dict]:
     for stage, keys in SHARED.items():
         section = getattr(run, stage)
         fills[stage] = {k: getattr(run, k) for k in keys if k not in section.model_fields_set}
+    connected = links(run)
+    if "data" in connected["post_train"] and "data" not in run.post_train.model_fields_set:
+        fills["post_train"]["data"] = connected["post_train"]["data"]  # self-generated data: the router's
     if "post_train" in run.stages and "format" not in run.mix.export.model_fields_set:
         export = run.mix.export.model_copy(update={"format": "upcycle"})  # what post_train loads
         export.__pydantic_fields_set__ = set(run.mix.export.model_fields_set)
@@ -397,8 +407,14 @@ def _describe_mixed(cfg: RunConfig, out: Path) -> None:
     branch = json.loads((out / "branch" / MANIFEST).read_text())
     kind = "a LoRA adapter" if cfg.branch.mode == "lora" else "a full fine-tune"
     rows = ", ".join(f"{d['domain']}: {d['rows']} rows" for d in branch["domains"])
-    stages = [f"branch: {kind} of the base per domain, each on its domain's rows only ({rows}), "
-              f"{cfg.branch.train.epochs:g} epochs",
+    if cfg.branch.data_source == "self_generated":
+        seeds = ", ".join(f"{d['domain']}: {len(d.get('seeds', []))}" for d in branch["domains"])
+        data = (f"each on instruction/response pairs the base model wrote for its domain ({rows}) from a few of its "
+                f"real rows as seeds ({seeds}); the router trained on their union")
+    else:
+        data = f"each on its domain's rows only ({rows})"
+    stages = [f"branch: {kind} of the base per domain, {data}, {cfg.branch.train.epochs:g} epochs",
               f"mix: the per-domain experts as the MoE's experts, weights outside them: {cfg.mix.shared}; "
               f"router init: {cfg.mix.router_init}", card["stages"][-1]]
-    update_card(model, stages=stages, **({"method": cfg.recipe} if cfg.recipe in METHODS else {}))
+    method = cfg.recipe if cfg.recipe in METHODS else "self_moe" if cfg.branch.data_source == "self_generated" else None
+    update_card(model, stages=stages, **({"method": method} if method else {}))

@@ -8,6 +8,12 @@ on its own). The manifest's `domains` list is the lineage: per expert, its domai
 the data file and its hash, and the expert folder (the last checkpoint) that `mix` takes.
 The union of the domain files is exactly the training split the later stages use, so each row is
 seen train.epochs times in all: the data budget of one stage-1 run.
+
+`data_source: self_generated` is Self-MoE's self-specialization (upcycle/data/self_generate.py):
+`seed_per_domain` seeds are drawn (seeded) from each domain's training rows (`data/<domain>.seeds.jsonl`),
+the base writes `data/<domain>.generated.jsonl` from them on rank 0 while the other ranks wait, and each
+expert trains on that file instead of the domain's rows. Each domain's file is listed in the manifest (`generated`: seeds, counts, drops, hash)
+once it is written whole, so a rerun after a kill regenerates only the domains not listed.
 """
 
 from __future__ import annotations
@@ -16,13 +22,22 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from upcycle.config import BranchConfig, PrepareConfig, config_hash, dump_config
+from upcycle.data import self_generate as sg
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import atomic_write_text
 from upcycle.manifest import MANIFEST, Manifest, sha256_files
 
 DATA = "data"
 EXPERTS = "experts"
+GENERATED_UNION = "generated.jsonl"  # every domain's generated pairs: what post_train's router trains on
+
+
+def generated_union(out: Path) -> Path:
+    """The union of the self-generated data under a branch folder (the paper trains the router on it)."""
+    return Path(out) / DATA / GENERATED_UNION
 
 
 def domain_rows(cfg: BranchConfig, tokenizer) -> dict[str, list]:
@@ -61,9 +76,12 @@ def run(cfg: BranchConfig, progress: bool = True) -> dict:
 
     def inputs():  # data errors before anything is written, shown once
         base = prepare.check_base(cfg.base)
-        return base, domain_rows(cfg, AutoTokenizer.from_pretrained(base))
+        groups = domain_rows(cfg, AutoTokenizer.from_pretrained(base))
+        seeds = {d: sg.pick_seeds(convs, cfg.seed_per_domain, cfg.seed, d) for d, convs in groups.items()} \
+            if cfg.data_source == "self_generated" else {}
+        return base, groups, seeds
 
-    base, groups = dist.rank_zero_first(inputs)
+    base, groups, seeds = dist.rank_zero_first(inputs)
     out = Path(cfg.out)
 
     def open_folder() -> Manifest:
@@ -72,27 +90,98 @@ def run(cfg: BranchConfig, progress: bool = True) -> dict:
             dump_config(cfg, out / "upcycle_config.yaml")
         (out / DATA).mkdir(exist_ok=True)
         for domain, convs in groups.items():
-            atomic_write_text(out / DATA / f"{domain}.jsonl",
-                              "".join(json.dumps({"messages": c.messages, **c.meta}) + "\n" for c in convs))
+            if cfg.data_source == "self_generated":  # only the seeds: no other real row reaches the base or the expert
+                by_source = {c.source: c for c in convs}
+                convs = [by_source[s.source] for s in seeds[domain]]
+                name = f"{domain}.seeds.jsonl"
+            else:
+                name = f"{domain}.jsonl"
+            atomic_write_text(out / DATA / name, "".join(json.dumps({"messages": c.messages, **c.meta}) + "\n" for c in convs))
         return m
 
     manifest = dist.on_rank_zero_then_wait(open_folder)
+    generated = dist.on_rank_zero_then_wait(
+        lambda: self_generate(cfg, base, seeds, {d: len(c) for d, c in groups.items()}, manifest, progress)) \
+        if cfg.data_source == "self_generated" else {}
     lineage = []
     for domain, convs in groups.items():
-        data_file = out / DATA / f"{domain}.jsonl"
+        data_file = out / DATA / (f"{domain}.generated.jsonl" if generated else f"{domain}.jsonl")
+        rows = generated[domain]["kept"] if generated else len(convs)  # what the expert trains on
         if progress and dist.is_main():
-            print(f"branch: {domain}: {len(convs)} rows", flush=True)
+            print(f"branch: {domain}: {rows} {'generated ' if generated else ''}rows", flush=True)
         # The rows are already the training split (eval held out as the other stages hold it out).
         data = cfg.data.model_copy(update={"train": [str(data_file)], "eval": None, "eval_fraction": 0.0, "limit": None})
         stage = PrepareConfig(base=str(base), out=out / EXPERTS / domain, seed=cfg.seed, mode=cfg.mode, lora=cfg.lora,
                               data=data, train=cfg.train, save_every=cfg.train.epochs, evaluate=False, force=cfg.force)
         prepare.run(stage, progress=progress)
         record = json.loads((out / EXPERTS / domain / MANIFEST).read_text())
-        lineage.append({"domain": domain, "rows": len(convs), "data": str(data_file), "data_sha256": sha256_files([data_file]),
-                        "sources": [c.source for c in convs][:3] + (["..."] if len(convs) > 3 else []),
-                        "expert": str((out / EXPERTS / domain / record["checkpoints"][-1]["path"]).resolve()),
-                        "mode": cfg.mode, "epochs": cfg.train.epochs})
+        sources = [f"{data_file}:{i}" for i in range(1, rows + 1)] if generated else [c.source for c in convs]
+        entry = {"domain": domain, "rows": rows, "data": str(data_file), "data_sha256": sha256_files([data_file]),
+                 "sources": sources[:3] + (["..."] if rows > 3 else []),
+                 "expert": str((out / EXPERTS / domain / record["checkpoints"][-1]["path"]).resolve()),
+                 "mode": cfg.mode, "epochs": cfg.train.epochs, "data_source": cfg.data_source}
+        if generated:  # the only real rows behind this expert
+            entry["seeds"] = generated[domain]["seeds"]
+        lineage.append(entry)
     manifest.data.update(domains=lineage, kind="lora" if cfg.mode == "lora" else "ffn", complete=True)
     manifest.save()  # rank 0 only
     return {"out": str(out), "experts": [d["expert"] for d in lineage], "domains": lineage,
             "seconds": time.perf_counter() - started}
+
+
+def self_generate(cfg: BranchConfig, base: Path, seeds: dict[str, list], counts: dict[str, int], manifest: Manifest,
+                  progress: bool = True) -> dict[str, dict]:
+    """Rank 0: each domain's generated file, written whole and then listed in the manifest (`generated`);
+    a domain already listed with a file of the listed hash is kept as it is (a rerun resumes here).
+    Returns the listing (small: it is sent to the other ranks)."""
+    listed = manifest.data.setdefault("generated", {})
+    model = tokenizer = None
+    for domain, picked in seeds.items():
+        asked = cfg.generate_per_domain or counts[domain]
+        path = Path(manifest.folder) / DATA / f"{domain}.generated.jsonl"
+        done = listed.get(domain)
+        if done and path.is_file() and sha256_files([path]) == done["sha256"]:
+            if progress:
+                print(f"branch: {domain}: {done['kept']} generated rows already written", flush=True)
+            continue
+        if model is None:
+            model, tokenizer = load_generator(base, cfg)
+        if progress:
+            print(f"branch: {domain}: generating {asked} pairs from {len(picked)} seeds", flush=True)
+        rows, report = sg.generate_domain(model, tokenizer, domain, picked, asked,
+                                          sg.Settings.of(cfg), cfg.seed)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        seeds_file = Path(manifest.folder) / DATA / f"{domain}.seeds.jsonl"
+        listed[domain] = {"file": str(path), "sha256": sha256_files([path]), "asked": asked,
+                          **report.as_dict(), "seeds": [s.source for s in picked],
+                          "seeds_file": str(seeds_file), "seeds_sha256": sha256_files([seeds_file]),
+                          "generator": {"base": str(base), "shots": cfg.shots, "max_new_tokens": cfg.max_new_tokens,
+                                        "temperature": cfg.temperature, "top_p": cfg.top_p,
+                                        "batch_size": cfg.generate_batch_size, "seed": cfg.seed}}
+        if report.kept < asked and progress:
+            print(f"branch: {domain}: kept {report.kept} of {asked} pairs after {report.prompts} "
+                  f"prompts (dropped: {dict(report.dropped)})", flush=True)
+        manifest.save()
+    union = generated_union(manifest.folder)
+    files = [Path(listed[d]["file"]) for d in seeds]
+    atomic_write_text(union, "".join(f.read_text(encoding="utf-8") for f in files))
+    manifest.data["generated_union"] = {"file": str(union), "sha256": sha256_files([union]),
+                                        "domains": list(seeds)}
+    manifest.save()
+    if model is not None:
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return listed
+
+
+def load_generator(base: Path, cfg: BranchConfig):
+    """The base model that writes the data: read-only, so held in the compute dtype on this process's accelerator."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from upcycle.devices import accelerator
+    from upcycle.train.engine import compute_dtype
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=compute_dtype(cfg.train), use_safetensors=True)
+    model.to(accelerator()).eval()
+    return model, AutoTokenizer.from_pretrained(base)
