@@ -1,22 +1,31 @@
-"""Reproduce the paper's comparisons on the built-in suite: UpIT, the baselines and the ablations at
-equal data over several seeds, plus data-scaling and expert-scaling curves.
+"""Reproduce the paper's comparisons: UpIT, the baselines and the ablations at equal data over
+several seeds, on the built-in suite base (`--model suite`) or on SmolLM2-135M-Instruct with the
+`smol` task mix (`--model smollm2`: the LoRA table, Figure 2, the untuned baseline).
 
-    .venv/bin/python bench/reproduce.py                      # the default size (see README "Results")
+    .venv/bin/python bench/reproduce.py                      # the toy suite base (see README "Results")
     .venv/bin/python bench/reproduce.py --seeds 0 1 2 3 4 --train-per-domain 200 --eval-items 50   # larger
+    .venv/bin/python bench/reproduce.py --model smollm2      # the LoRA table on SmolLM2 (sizes: PROFILES)
+    .venv/bin/python bench/reproduce.py --model smollm2 --train-per-domain 150 --seeds 0 1 2 3 4   # a GPU
 
 Every run is `upcycle run recipes/<recipe>.yaml` with the seed, the suite size and the output folder
 overridden; finished runs are skipped on a rerun (the pipeline's manifests), so an interrupted
-reproduction continues. Writes results.md (mean +- std per domain, the paper's layout),
-results.json, data_scaling.png and expert_scaling.png under --out.
+reproduction continues. With --model smollm2 the UpIT ablations that train the same stage 1 as
+upit_lora (same prepare config hash) start from upit_lora's finished `prepare` folder, hard-linked
+and recorded as done in their run.json, which the pipeline accepts only if the config hash and the
+manifest's digest match. Writes results.md (mean +- std per domain, the paper's layout),
+results.json and the plots under --out (smollm2: Figure 2 under --figures too).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,24 +35,117 @@ MAIN = ["dense_lora", "loramoe_sft", "self_moe", "upit_lora", "dense_sft", "upcy
         "drop_upcycling", "nvidia_granular"]
 ABLATIONS = ["ablation_no_router_init", "ablation_random_buckets", "ablation_random_parents", "ablation_no_expansion",
              "ablation_first_half"]
+LORA_TABLE = ["dense_lora", "loramoe_sft", "self_moe", "upit_lora"]
+LORA_ABLATIONS = ["ablation_no_router_init", "ablation_random_buckets", "ablation_random_parents", "ablation_first_half",
+                  "upit_relative_buckets"]
+UNTUNED = "untuned"  # the base model itself, scored on the same test items (no recipe)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A model and the sizes its reproduction runs at; every value can be overridden by a flag."""
+
+    recipes: list[str]
+    train_per_domain: int
+    eval_items: int | None                      # test items per domain scored (None: all of them)
+    data_scaling: list[int]
+    expert_scaling: list[int]
+    overrides: list[str] = field(default_factory=list)   # for every recipe
+    per_recipe: dict[str, list[str]] = field(default_factory=dict)
+    untuned: bool = False                       # also score the base model itself
+    share_stage1: bool = False                  # ablations start from upit_lora's finished prepare
+
+
+# SmolLM2 at 2-core CPU size (README "Results on SmolLM2" gives the time arithmetic): 40 training rows per
+# domain (160 rows, 152 after the 5% eval-loss split), 100 test items per domain; LoRA rank 16 on the MLP,
+# batch 8, lr 1e-3 (LoRA stages) -- the recipes' 3e-3 is the toy base's. UpIT: 4 stage-1 checkpoints
+# (0.5 epoch apart over 2 epochs), the second half (2) DARE-expanded to 8 experts, 24 seed samples.
+SMOL_LR = "1.0e-3"
+PROFILES = {
+    "suite": Profile(recipes=MAIN + ABLATIONS, train_per_domain=100, eval_items=25, data_scaling=[50, 200],
+                     expert_scaling=[4, 16]),
+    "smollm2": Profile(
+        recipes=LORA_TABLE + LORA_ABLATIONS, train_per_domain=40, eval_items=None, data_scaling=[], expert_scaling=[],
+        overrides=["base=bundled:smollm2", "data.suite.mix=smol", "data.suite.test_per_domain=100",
+                   "prepare.train.batch_size=8", f"prepare.train.lr={SMOL_LR}", "prepare.save_every=0.5",
+                   "post_train.train.batch_size=8", f"post_train.train.lr={SMOL_LR}", "post_train.save_every=2.0",
+                   "branch.train.batch_size=8", f"branch.train.lr={SMOL_LR}",
+                   "route.seed_count=24", "route.train.epochs=2"],
+        per_recipe={"dense_lora": ["prepare.save_every=4.0"],       # only the final model is scored
+                    "loramoe_sft": ["post_train.save_every=4.0"]},
+        untuned=True, share_stage1=True),
+}
 PAPER = {  # averages over the paper's benchmarks (SPEC section 1), for the comparison paragraph
     "dense_lora": 47.53, "loramoe_sft": 49.99, "upit_lora": 52.21, "dense_sft": 31.31, "upcycle_sft": 37.60,
     "upit_ffn": 38.88, "self_moe": 49.30, "ablation_no_router_init": 49.96, "ablation_random_buckets": 49.30, "ablation_first_half": 51.37,
 }
 
 
-def run_one(recipe: str, seed: int, out: Path, overrides: list[str]) -> dict:
+def recipe_config(recipe: str, seed: int, out: Path, overrides: list[str]):
     from upcycle.config import load_config
-    from upcycle.pipeline import RunConfig, run
+    from upcycle.pipeline import RunConfig
 
-    cfg = load_config(RunConfig, ROOT / "recipes" / f"{recipe}.yaml",
-                      [f"out={out}", f"seed={seed}", f"data.suite.seed={seed}", *overrides])
+    return load_config(RunConfig, ROOT / "recipes" / f"{recipe}.yaml",
+                       [f"out={out}", f"seed={seed}", f"data.suite.seed={seed}", *overrides])
+
+
+def run_one(recipe: str, seed: int, out: Path, overrides: list[str]) -> dict:
+    from upcycle.pipeline import run
+
+    cfg = recipe_config(recipe, seed, out, overrides)
     done = out / "results.json"
     if done.is_file():
         return json.loads(done.read_text())
     t0 = time.perf_counter()
     result = run(cfg, progress=False)
     print(f"  {recipe:26s} seed {seed}: average {100 * result['average']:.1f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return result
+
+
+def share_stage1(source: Path, cfg) -> bool:
+    """Start `cfg`'s run from the finished prepare folder of the run in `source` when both prepare
+    configs hash equal: hard-link the folder and record the stage done in run.json, exactly as the
+    pipeline records it, so its own check (status, config hash, manifest digest) skips it."""
+    from upcycle.config import config_hash
+    from upcycle.pipeline import RUN_MANIFEST, _stage_digest, stage_configs
+
+    out = Path(cfg.out)
+    if "prepare" not in cfg.stages or (out / RUN_MANIFEST).exists() or not (source / RUN_MANIFEST).is_file():
+        return False
+    done = json.loads((source / RUN_MANIFEST).read_text())["stages"].get("prepare") or {}
+    digest = _stage_digest(source / "prepare")
+    if done.get("status") != "done" or done.get("config_hash") != config_hash(stage_configs(cfg)["prepare"]) \
+            or done.get("manifest_sha256") != digest:
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source / "prepare", out / "prepare", copy_function=os.link)
+    record = {"recipe": cfg.recipe, "stages": {"prepare": {**done, "shared_from": str(source / "prepare")}}}
+    (out / RUN_MANIFEST).write_text(json.dumps(record, indent=2))
+    return True
+
+
+def run_untuned(seed: int, out: Path, overrides: list[str]) -> dict:
+    """The base model itself on the same test items as the recipes (dense_lora's config names them)."""
+    done = out / "results.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from upcycle.bundled import resolve_model
+    from upcycle.eval.checkpoints import suite_test_items
+    from upcycle.eval.suite_eval import evaluate_items
+
+    t0 = time.perf_counter()
+    cfg = recipe_config("dense_lora", seed, out, overrides)
+    base = resolve_model(cfg.base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    result = evaluate_items(model, AutoTokenizer.from_pretrained(base), suite_test_items(cfg.data.suite, cfg.eval_max_items))
+    result = {"recipe": UNTUNED, "scores": result["scores"], "average": result["average"], "model": str(base),
+              "seconds": time.perf_counter() - t0}
+    out.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(result, indent=2))
+    print(f"  {UNTUNED:26s} seed {seed}: average {100 * result['average']:.1f} ({result['seconds']:.0f} s)", flush=True)
     return result
 
 
@@ -62,8 +164,64 @@ def table(results: dict[str, list[dict]], names: list[str]) -> str:
         if not runs:
             continue
         cells = [mean_std([r["scores"][d] for r in runs]) for d in DOMAINS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean_std([r['average'] for r in runs])} |")
+        minutes = statistics.mean(r.get("seconds", 0.0) for r in runs) / 60
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean_std([r['average'] for r in runs])} | "
+                     f"{len(runs)} | {minutes:.1f} |")
+    lines[0] += " seeds | minutes per run |"
+    lines[1] += " --- | --- |"
     return "\n".join(lines)
+
+
+def learns_check(results: dict[str, list[dict]], tuned: str = "dense_lora") -> str:
+    """Issue 14's bar: the LoRA baseline beats the untuned model on every domain by more than 2 std
+    (the larger of the two rows' std over seeds)."""
+    from upcycle.suite.tasks import DOMAINS
+
+    if not results.get(UNTUNED) or not results.get(tuned):
+        return ""
+    lines = []
+    for d in DOMAINS:
+        a, b = ([r["scores"][d] for r in results[row]] for row in (UNTUNED, tuned))
+        std = max(statistics.stdev(v) if len(v) > 1 else 0.0 for v in (a, b))
+        gap = statistics.mean(b) - statistics.mean(a)
+        verdict = "yes" if gap > 2 * std and gap > 0 else "NO"
+        lines.append(f"- {d}: {tuned} - {UNTUNED} = {100 * gap:+.1f} points, 2 std = {200 * std:.1f} "
+                     f"({len(b)} seed(s)): {verdict}")
+    return "\n".join(lines)
+
+
+def plot_figure2(prepare_folders: list[Path], path: Path) -> None:
+    """The paper's Figure 2 at this scale: each stage-1 checkpoint's score per domain (mean and std over
+    seeds), the best checkpoint of each domain circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from upcycle.suite.tasks import DOMAINS
+
+    runs = [json.loads((f / "checkpoint_scores.json").read_text()) for f in prepare_folders
+            if (f / "checkpoint_scores.json").is_file()]
+    if not runs:
+        return
+    epochs = [c["epoch"] for c in runs[0]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for d in DOMAINS:
+        per = [[100 * run[i]["scores"][d] for run in runs] for i in range(len(epochs))]
+        mean = [statistics.mean(v) for v in per]
+        std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per]
+        line = ax.errorbar(epochs, mean, yerr=std, marker="o", capsize=3, label=d)[0]
+        best = max(range(len(mean)), key=mean.__getitem__)
+        ax.scatter([epochs[best]], [mean[best]], s=160, facecolors="none", edgecolors=line.get_color(), linewidths=2)
+    ax.set_xlabel("epoch of stage-1 checkpoint")
+    ax.set_ylabel("score (%)")
+    ax.set_title(f"Stage-1 checkpoints per domain, mean ± std over {len(runs)} seed(s) (circle: best)")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_curve(points: dict[str, list[tuple[float, float]]], xlabel: str, path: Path, title: str) -> None:
@@ -88,45 +246,77 @@ def plot_curve(points: dict[str, list[tuple[float, float]]], xlabel: str, path: 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "reproduction"))
+    ap.add_argument("--model", choices=sorted(PROFILES), default="suite",
+                    help="suite: the toy suite base; smollm2: SmolLM2-135M-Instruct on the smol mix (the LoRA table)")
+    ap.add_argument("--out", default=None, help="default: bench/results/reproduction[-MODEL]")
+    ap.add_argument("--figures", default=None, help="where Figure 2 goes (smollm2; default docs/results/smollm2)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--train-per-domain", type=int, default=100)
-    ap.add_argument("--eval-items", type=int, default=25, help="suite test items per domain")
-    ap.add_argument("--data-scaling", type=int, nargs="*", default=[50, 200], help="extra train-per-domain sizes")
-    ap.add_argument("--expert-scaling", type=int, nargs="*", default=[4, 16], help="extra UpIT expert counts")
-    ap.add_argument("--recipes", nargs="*", default=MAIN + ABLATIONS)
+    ap.add_argument("--train-per-domain", type=int, default=None)
+    ap.add_argument("--eval-items", type=int, default=None, help="suite test items per domain (default: the profile's)")
+    ap.add_argument("--data-scaling", type=int, nargs="*", default=None, help="extra train-per-domain sizes")
+    ap.add_argument("--expert-scaling", type=int, nargs="*", default=None, help="extra UpIT expert counts")
+    ap.add_argument("--recipes", nargs="*", default=None)
+    ap.add_argument("--no-untuned", action="store_true", help="skip scoring the untuned base")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for every recipe")
     args = ap.parse_args()
-    out = Path(args.out)
-    size = [f"data.suite.train_per_domain={args.train_per_domain}", f"eval_max_items={args.eval_items}"]
+    prof = PROFILES[args.model]
+    for key in ("train_per_domain", "eval_items", "data_scaling", "expert_scaling", "recipes"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(prof, key))
+    suffix = "" if args.model == "suite" else f"-{args.model}"
+    out = Path(args.out or ROOT / "bench" / "results" / f"reproduction{suffix}")
+    figures = Path(args.figures or ROOT / "docs" / "results" / args.model)
+    items = [] if args.eval_items is None else [f"eval_max_items={args.eval_items}"]
+    size = [*prof.overrides, f"data.suite.train_per_domain={args.train_per_domain}", *items, *args.set]
     started = time.perf_counter()
     results: dict[str, list[dict]] = {}
+    if prof.untuned and not args.no_untuned:
+        results[UNTUNED] = [run_untuned(seed, out / UNTUNED / f"seed{seed}", size) for seed in args.seeds]
     for recipe in args.recipes:
         for seed in args.seeds:
-            results.setdefault(recipe, []).append(run_one(recipe, seed, out / recipe / f"seed{seed}", size))
+            overrides = size + prof.per_recipe.get(recipe, [])
+            if prof.share_stage1 and recipe != "upit_lora" and share_stage1(
+                    out / "upit_lora" / f"seed{seed}", recipe_config(recipe, seed, out / recipe / f"seed{seed}", overrides)):
+                print(f"  {recipe:26s} seed {seed}: stage 1 shared with upit_lora", flush=True)
+            results.setdefault(recipe, []).append(run_one(recipe, seed, out / recipe / f"seed{seed}", overrides))
 
-    data_points = {"upit_lora": [], "loramoe_sft": []}
-    for recipe in data_points:
-        for n in sorted({args.train_per_domain, *args.data_scaling}):
-            res = results[recipe][0] if n == args.train_per_domain else run_one(
-                recipe, args.seeds[0], out / "data_scaling" / f"{recipe}-{n}",
-                [f"data.suite.train_per_domain={n}", f"eval_max_items={args.eval_items}"])
-            data_points[recipe].append((4 * n * 0.95, res["average"]))  # training samples (5% held out for eval loss)
-    plot_curve(data_points, "training samples", out / "data_scaling.png", "Data scaling (seed %d)" % args.seeds[0])
+    data_points: dict[str, list] = {}
+    if args.data_scaling:
+        data_points = {"upit_lora": [], "loramoe_sft": []}
+        for recipe in data_points:
+            for n in sorted({args.train_per_domain, *args.data_scaling}):
+                res = results[recipe][0] if n == args.train_per_domain else run_one(
+                    recipe, args.seeds[0], out / "data_scaling" / f"{recipe}-{n}",
+                    [*prof.overrides, f"data.suite.train_per_domain={n}", *items, *args.set])
+                data_points[recipe].append((4 * n * 0.95, res["average"]))  # training samples (5% held out for eval loss)
+        plot_curve(data_points, "training samples", out / "data_scaling.png", "Data scaling (seed %d)" % args.seeds[0])
 
-    expert_points = {"upit_lora": []}
-    for n in sorted({8, *args.expert_scaling}):
-        res = results["upit_lora"][0] if n == 8 else run_one(
-            "upit_lora", args.seeds[0], out / "expert_scaling" / f"experts-{n}",
-            size + [f"expand.num_experts={n}", f"post_train.moe.num_experts={n}"])
-        expert_points["upit_lora"].append((n, res["average"]))
-    plot_curve(expert_points, "experts", out / "expert_scaling.png", "Expert scaling, UpIT LoRA (seed %d)" % args.seeds[0])
+    expert_points: dict[str, list] = {}
+    if args.expert_scaling:
+        expert_points = {"upit_lora": []}
+        for n in sorted({8, *args.expert_scaling}):
+            res = results["upit_lora"][0] if n == 8 else run_one(
+                "upit_lora", args.seeds[0], out / "expert_scaling" / f"experts-{n}",
+                size + [f"expand.num_experts={n}", f"post_train.moe.num_experts={n}"])
+            expert_points["upit_lora"].append((n, res["average"]))
+        plot_curve(expert_points, "experts", out / "expert_scaling.png", "Expert scaling, UpIT LoRA (seed %d)" % args.seeds[0])
+
+    if args.model != "suite" and "upit_lora" in results:
+        plot_figure2([out / "upit_lora" / f"seed{seed}" / "prepare" for seed in args.seeds], figures / "figure2.png")
 
     wall = time.perf_counter() - started
-    text = (f"Built-in suite, {args.train_per_domain} training items per domain, {args.eval_items} test items per domain, "
-            f"seeds {args.seeds}; mean ± std (%).\n\n### Main comparison\n\n"
-            + table(results, [r for r in MAIN if r in results]) + "\n\n### Ablations (UpIT LoRA-based)\n\n"
-            + table(results, ["upit_lora"] + [r for r in ABLATIONS if r in results])
+    main_rows = [r for r in [UNTUNED, *MAIN] if r in results]
+    ablation_rows = [r for r in ABLATIONS + LORA_ABLATIONS if r in results]
+    check = learns_check(results)
+    text = (f"Model {args.model}, {args.train_per_domain} training items per domain, "
+            f"{args.eval_items or 'all'} test items per domain, seeds {args.seeds}; mean ± std (%); "
+            f"minutes per run as measured (a run whose stage 1 was shared did not pay for it).\n\n"
+            f"Overrides for every recipe: `{' '.join(size)}`\n\n### Main comparison\n\n"
+            + table(results, main_rows) + "\n\n### Ablations (UpIT LoRA-based)\n\n"
+            + table(results, ["upit_lora"] + ablation_rows)
+            + (f"\n\n### Does LoRA learn the mix?\n\n{check}" if check else "")
             + f"\n\nWall time of this invocation: {wall / 60:.0f} min (runs already done are skipped).\n")
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"results": results, "data_scaling": data_points,
                                                   "expert_scaling": expert_points, "args": vars(args)}, indent=1, default=str))

@@ -164,9 +164,15 @@ BUCKETS_HELP = ("Who owns each seed sample: perplexity (the paper: the expert wi
                 "better expert does not take most samples), or random (the ablation).")
 
 
+SuiteMix = Literal["builtin", "smol"]  # suite/mixes.py builds each
+
+
 class SuiteSpec(_Section):
     """The built-in task suite (data `suite`): sizes and the seed that draws its items."""
 
+    mix: SuiteMix = Field("builtin", description=(
+        "builtin: the toy suite of the bundled suite base; smol: the same four domains calibrated for "
+        "SmolLM2-135M-Instruct under LoRA (suite/smol.py)."))
     seed: int = 0
     train_per_domain: int = Field(200, gt=0)
     test_per_domain: int = Field(50, gt=0)

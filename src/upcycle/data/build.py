@@ -31,9 +31,9 @@ class Datasets:
 
 def load_spec_conversations(paths: list[str], spec: DataSpec) -> tuple[list[Conversation], LoadReport]:
     if paths == [SUITE]:
-        from upcycle.suite.tasks import Suite
+        from upcycle.suite.mixes import make_suite
 
-        suite = Suite(spec.suite.seed, spec.suite.train_per_domain, spec.suite.test_per_domain)
+        suite = make_suite(spec.suite)
         convs = [to_conversation(row, "alpaca", f"suite:train[{i}]", spec.system_prompt)
                  for i, row in enumerate(suite.rows("train"))]
         report = LoadReport(rows=len(convs), conversations=len(convs))

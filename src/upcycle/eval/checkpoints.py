@@ -10,11 +10,12 @@ import json
 from pathlib import Path
 
 from upcycle.manifest import Manifest
-from upcycle.suite.tasks import DOMAINS, Suite
+from upcycle.suite.mixes import make_suite
+from upcycle.suite.tasks import DOMAINS
 
 
 def suite_test_items(spec, max_per_domain: int | None):
-    suite = Suite(spec.seed, spec.train_per_domain, spec.test_per_domain)
+    suite = make_suite(spec)
     items, counts = [], {}
     for item in suite.test:
         if max_per_domain is None or counts.get(item.domain, 0) < max_per_domain:

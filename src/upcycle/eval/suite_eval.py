@@ -20,6 +20,11 @@ from upcycle.suite.tasks import DOMAINS, Item
 MAX_NEW_TOKENS = {"code": 48, "math": 6, "knowledge": 12}
 
 
+def new_token_budget(item: Item) -> int:
+    """Greedy tokens for the item's domain: its mix's own budget if it carries one (suite/smol.py)."""
+    return getattr(item, "max_new_tokens", 0) or MAX_NEW_TOKENS[item.domain]
+
+
 def prompt_text(tokenizer, item: Item) -> str:
     return render(tokenizer, [{"role": "user", "content": item.prompt}], add_generation_prompt=True)
 
@@ -77,7 +82,7 @@ def evaluate_items(model, tokenizer, items: list[Item], progress: bool = False, 
                 outputs.append({"domain": domain, "prompt": item.prompt, "output": item.options[choice],
                                 "score": per_domain[domain][-1]})
             continue
-        texts = generate(model, tokenizer, [prompt_text(tokenizer, i) for i in todo], MAX_NEW_TOKENS[domain], batch_size)
+        texts = generate(model, tokenizer, [prompt_text(tokenizer, i) for i in todo], new_token_budget(todo[0]), batch_size)
         for item, text in tqdm(list(zip(todo, texts)), desc=domain, disable=not progress):
             if domain == "code":
                 score, _ = score_code(text, item.tests)
