@@ -143,6 +143,37 @@ def test_sigkill_of_one_rank_mid_prepare_then_rerun_gives_the_same_model(upit_lo
     check_equal_runs(upit_lora_runs[1], out, "upit_lora")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["expand", "route", "post_train"])
+def test_sigkill_of_one_rank_mid_stage_then_rerun_gives_the_same_model(stage, upit_lora_runs, tmp_path, llama_dir,
+                                                                        even_data):
+    """Rank 1 is killed while `stage` is running (run.json says so and the stage folder exists); the
+    rerun redoes or resumes that stage and ends with the uninterrupted two-process run's model."""
+    out = tmp_path / "killed"
+    argv = args("upit_lora", llama_dir, even_data, out, 2)
+    proc = subprocess.Popen([*TORCHRUN, "-m", "upcycle.cli", *argv], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    record = out / "run.json"
+
+    def status():
+        try:
+            return json.loads(record.read_text())["stages"].get(stage, {}).get("status")
+        except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being replaced
+            return None
+
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (status() == "running" and (out / stage).exists()):
+        time.sleep(0.005)
+    workers = _children(proc.pid)
+    assert len(workers) == 2 and proc.poll() is None, f"the run ended before {stage} was seen running"
+    os.kill(workers[1], signal.SIGKILL)
+    assert proc.wait(timeout=60) != 0
+    assert status() == "running"  # killed mid-stage: the stage was never recorded done
+    rerun = two_processes(argv)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    check_equal_runs(upit_lora_runs[1], out, "upit_lora")
+
+
 FAILING = '''
 from upcycle import distributed as dist
 from upcycle.errors import UpcycleError
