@@ -89,13 +89,18 @@ def recipe_config(recipe: str, seed: int, out: Path, overrides: list[str]):
                        [f"out={out}", f"seed={seed}", f"data.suite.seed={seed}", *overrides])
 
 
-def run_one(recipe: str, seed: int, out: Path, overrides: list[str]) -> dict:
+REPORT_ONLY = False  # --report-only: tabulate the finished runs, start none
+
+
+def run_one(recipe: str, seed: int, out: Path, overrides: list[str]) -> dict | None:
     from upcycle.pipeline import run
 
     cfg = recipe_config(recipe, seed, out, overrides)
     done = out / "results.json"
     if done.is_file():
         return json.loads(done.read_text())
+    if REPORT_ONLY:
+        return None
     t0 = time.perf_counter()
     result = run(cfg, progress=False)
     print(f"  {recipe:26s} seed {seed}: average {100 * result['average']:.1f} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -124,11 +129,13 @@ def share_stage1(source: Path, cfg) -> bool:
     return True
 
 
-def run_untuned(seed: int, out: Path, overrides: list[str]) -> dict:
+def run_untuned(seed: int, out: Path, overrides: list[str]) -> dict | None:
     """The base model itself on the same test items as the recipes (dense_lora's config names them)."""
     done = out / "results.json"
     if done.is_file():
         return json.loads(done.read_text())
+    if REPORT_ONLY:
+        return None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -224,6 +231,39 @@ def plot_figure2(prepare_folders: list[Path], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_upit_routing(model_dir: Path, overrides: list[str], seed: int, path: Path) -> None:
+    """The routing heatmap of a finished UpIT model: each domain's share of top-k assignments per expert,
+    on 20 test prompts + reference answers per domain (eval/routing.py, as the demo draws it)."""
+    from transformers import AutoTokenizer
+
+    from upcycle.eval.checkpoints import suite_test_items
+    from upcycle.eval.routing import plot_routing, routing_shares, specialization, suite_texts
+    from upcycle.export.load import load_moe
+
+    if not model_dir.is_dir():
+        return
+    spec = recipe_config("upit_lora", seed, model_dir, overrides).data.suite
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    shares = routing_shares(load_moe(model_dir), tokenizer, suite_texts(tokenizer, suite_test_items(spec, 20)))
+    plot_routing(shares, path, title=f"UpIT (LoRA) on SmolLM2, seed {seed}: share of each domain's tokens per expert")
+    print("routing specialization per domain: " + ", ".join(f"{d} {v:.2f}" for d, v in specialization(shares).items()))
+
+
+def bucket_report(out: Path, recipes: list[str], seeds: list[int]) -> str:
+    """Per recipe and seed: seed samples owned by each expert, and each bucket's domains (route/manifest.json)."""
+    lines = []
+    for recipe in recipes:
+        for seed in seeds:
+            manifest = out / recipe / f"seed{seed}" / "route" / "manifest.json"
+            if not manifest.is_file():
+                continue
+            buckets = json.loads(manifest.read_text())["buckets"]
+            parts = [f"e{e}: {b['size']} ({', '.join(f'{d} {n}' for d, n in sorted(b['domains'].items())) or '-'})"
+                     for e, b in buckets.items()]
+            lines.append(f"- {recipe} seed {seed}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def plot_curve(points: dict[str, list[tuple[float, float]]], xlabel: str, path: Path, title: str) -> None:
     import matplotlib
 
@@ -258,6 +298,8 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="*", default=None)
     ap.add_argument("--no-untuned", action="store_true", help="skip scoring the untuned base")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for every recipe")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write results.md from the runs already finished under --out; start no run")
     args = ap.parse_args()
     prof = PROFILES[args.model]
     for key in ("train_per_domain", "eval_items", "data_scaling", "expert_scaling", "recipes"):
@@ -270,15 +312,22 @@ def main() -> None:
     size = [*prof.overrides, f"data.suite.train_per_domain={args.train_per_domain}", *items, *args.set]
     started = time.perf_counter()
     results: dict[str, list[dict]] = {}
+    global REPORT_ONLY
+    REPORT_ONLY = args.report_only
     if prof.untuned and not args.no_untuned:
-        results[UNTUNED] = [run_untuned(seed, out / UNTUNED / f"seed{seed}", size) for seed in args.seeds]
+        runs = [run_untuned(seed, out / UNTUNED / f"seed{seed}", size) for seed in args.seeds]
+        results[UNTUNED] = [r for r in runs if r is not None]
     for recipe in args.recipes:
         for seed in args.seeds:
             overrides = size + prof.per_recipe.get(recipe, [])
-            if prof.share_stage1 and recipe != "upit_lora" and share_stage1(
+            if prof.share_stage1 and recipe != "upit_lora" and not REPORT_ONLY and share_stage1(
                     out / "upit_lora" / f"seed{seed}", recipe_config(recipe, seed, out / recipe / f"seed{seed}", overrides)):
                 print(f"  {recipe:26s} seed {seed}: stage 1 shared with upit_lora", flush=True)
-            results.setdefault(recipe, []).append(run_one(recipe, seed, out / recipe / f"seed{seed}", overrides))
+            result = run_one(recipe, seed, out / recipe / f"seed{seed}", overrides)
+            if result is not None:
+                result.setdefault("seed", seed)
+                results.setdefault(recipe, []).append(result)
+    results = {k: v for k, v in results.items() if v}
 
     data_points: dict[str, list] = {}
     if args.data_scaling:
@@ -301,10 +350,16 @@ def main() -> None:
             expert_points["upit_lora"].append((n, res["average"]))
         plot_curve(expert_points, "experts", out / "expert_scaling.png", "Expert scaling, UpIT LoRA (seed %d)" % args.seeds[0])
 
+    buckets = ""
     if args.model != "suite" and "upit_lora" in results:
         plot_figure2([out / "upit_lora" / f"seed{seed}" / "prepare" for seed in args.seeds], figures / "figure2.png")
+        first = results["upit_lora"][0]["seed"]
+        plot_upit_routing(out / "upit_lora" / f"seed{first}" / "post_train" / "model", size, first,
+                          figures / "routing_upit_lora.png")
+        buckets = bucket_report(out, ["upit_lora", "upit_relative_buckets"], args.seeds)
 
     wall = time.perf_counter() - started
+    compute = sum(r.get("seconds", 0.0) for runs in results.values() for r in runs)
     main_rows = [r for r in [UNTUNED, *MAIN] if r in results]
     ablation_rows = [r for r in ABLATIONS + LORA_ABLATIONS if r in results]
     check = learns_check(results)
@@ -315,7 +370,9 @@ def main() -> None:
             + table(results, main_rows) + "\n\n### Ablations (UpIT LoRA-based)\n\n"
             + table(results, ["upit_lora"] + ablation_rows)
             + (f"\n\n### Does LoRA learn the mix?\n\n{check}" if check else "")
-            + f"\n\nWall time of this invocation: {wall / 60:.0f} min (runs already done are skipped).\n")
+            + (f"\n\n### Seed buckets (route stage)\n\n{buckets}" if buckets else "")
+            + f"\n\nCompute of the runs in these tables (sum of their own wall times): {compute / 60:.0f} min. "
+            f"Wall time of this invocation: {wall / 60:.0f} min (runs already done are skipped).\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"results": results, "data_scaling": data_points,
