@@ -37,6 +37,7 @@ def main() -> None:
     from upcycle.data.dataset import Collator
     from upcycle.stages import prepare
     from upcycle.train.checkpoints import make_recorder
+    from upcycle.train.dense import check_base, load_model
     from upcycle.train.engine import training_arguments
 
     work = Path(tempfile.mkdtemp(prefix="bench-prepare-", dir=ROOT / "bench"))
@@ -44,13 +45,13 @@ def main() -> None:
         cfg = load_config(PrepareConfig, None, [
             f"base={args.base}", f"out={work / 'prepare'}", f"mode={args.mode}", "data.eval_fraction=0", "evaluate=false",
             f"train.epochs={args.epochs}", "save_every=0.25", "train.batch_size=8", "train.logging_steps=10", "force=true"])
-        base = prepare.check_base(cfg.base)
+        base = check_base(cfg.base)
         tokenizer = AutoTokenizer.from_pretrained(base)
         data = build_datasets(cfg.data, tokenizer, cfg.seed)
         tokens = data.train_report.tokens * cfg.train.epochs
 
         def plain_run() -> float:
-            model = prepare.load_model(base, cfg)
+            model = load_model(base, cfg)
             steps = -(-len(data.train) // cfg.train.batch_size)
             targs = training_arguments(cfg.train, work / "plain", cfg.seed, progress=False,
                                        save_strategy="steps", save_steps=max(1, round(steps * cfg.save_every)))
@@ -69,7 +70,7 @@ def main() -> None:
 
             shutil.rmtree(work / "prepare", ignore_errors=True)
             manifest = Manifest.open(work / "prepare", "prepare", config_hash(cfg), force=True)
-            model = prepare.load_model(base, cfg)
+            model = load_model(base, cfg)
             targs = training_arguments(cfg.train, work / "prepare" / prepare.CHECKPOINTS, cfg.seed, progress=False)
             trainer = Trainer(model=model, args=targs, train_dataset=data.train, data_collator=Collator(tokenizer.pad_token_id),
                               callbacks=[make_recorder(manifest, cfg.train.epochs, cfg.save_every, cfg.keep_optimizer_states, has_eval=False)])

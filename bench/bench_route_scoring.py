@@ -42,8 +42,10 @@ def main() -> None:
     from upcycle.config import MoESpec
     from upcycle.data.encode import encode
     from upcycle.data.instructions import to_conversation
-    from upcycle.stages import route
+    from upcycle.moe.assemble import build_pool_model, pool_from_expand
+    from upcycle.routing.scoring import response_nll, score_experts, score_one_expert
     from upcycle.suite.tasks import Suite
+    from upcycle.train.trainer import pad_batch
 
     base = resolve_model(args.base)
     tok = AutoTokenizer.from_pretrained(base)
@@ -67,12 +69,12 @@ def main() -> None:
         pad = tok.pad_token_id
 
         start = time.perf_counter()
-        model = route.build_pool_model(route.pool_from_expand(work), MoESpec(num_experts=args.experts, top_k=2), "average", 0)
-        batched = route.score_experts(model, samples, args.experts, args.batch, pad)
+        model = build_pool_model(pool_from_expand(work), MoESpec(num_experts=args.experts, top_k=2), "average", 0)
+        batched = score_experts(model, samples, args.experts, args.batch, pad)
         t_batched = time.perf_counter() - start
 
         start = time.perf_counter()
-        forced = torch.stack([route.score_one_expert(model, samples, e, args.batch, pad) for e in range(args.experts)], 1)
+        forced = torch.stack([score_one_expert(model, samples, e, args.batch, pad) for e in range(args.experts)], 1)
         t_forced_scoring = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -82,8 +84,8 @@ def main() -> None:
             nll = []
             with torch.no_grad():
                 for i in range(0, len(samples), args.batch):
-                    ids, labels, mask = route._batch(samples[i:i + args.batch], pad)
-                    nll.append(route.response_nll(m(input_ids=ids, attention_mask=mask).logits, labels))
+                    ids, labels, mask = pad_batch(samples[i:i + args.batch], pad)
+                    nll.append(response_nll(m(input_ids=ids, attention_mask=mask).logits, labels))
             alone.append(torch.cat(nll).exp())
         alone = torch.stack(alone, 1)
         t_alone = time.perf_counter() - start

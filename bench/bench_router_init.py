@@ -55,12 +55,13 @@ def measure(model, tokenizer, rows: list[dict], own: int | None) -> dict:
     from upcycle.data.dataset import encode_all
     from upcycle.data.instructions import to_conversation
     from upcycle.moe.model import router_logits
-    from upcycle.stages.route import _batch, response_nll
+    from upcycle.routing.scoring import response_nll
+    from upcycle.train.trainer import pad_batch
 
     convs = [to_conversation(r, "alpaca", f"row{i}") for i, r in enumerate(rows)]
     samples, _ = encode_all(convs, tokenizer, DataSpec().max_length, "truncate")
     pad = tokenizer.pad_token_id
-    ids, labels, mask = _batch(samples, pad)
+    ids, labels, mask = pad_batch(samples, pad)
     model.eval()
     out = model(input_ids=ids, attention_mask=mask)
     nll = response_nll(out.logits, labels)

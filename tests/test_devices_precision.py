@@ -57,7 +57,7 @@ def test_to_model_device_moves_batches_and_keeps_integer_ids(llama_dir):
 
 def test_scoring_share_and_entropy_run_on_a_bf16_model_close_to_fp32(llama_dir):
     from upcycle.stages.post_train import expert_load_entropy
-    from upcycle.stages.route import owner_share, score_experts
+    from upcycle.routing.scoring import owner_share, score_experts
 
     samples = _samples()
     fp32, bf16 = _moe(llama_dir), _moe(llama_dir, torch.bfloat16)
@@ -75,7 +75,7 @@ def test_scoring_share_and_entropy_run_on_a_bf16_model_close_to_fp32(llama_dir):
 
 
 def test_master_weights_fp32_then_back(llama_dir):
-    from upcycle.stages.route import set_trainable
+    from upcycle.train.trainer import set_trainable
 
     model = _moe(llama_dir, torch.bfloat16)
     set_trainable(model, "routers")
@@ -101,10 +101,11 @@ def test_device_generator_on_cpu_is_the_seeding_stream():
 
 def test_chunked_nll_equals_full_logits_nll(llama_dir):
     from upcycle.moe.model import force_experts
-    from upcycle.stages.route import _batch, response_nll, response_nll_chunked
+    from upcycle.routing.scoring import response_nll, response_nll_chunked
+    from upcycle.train.trainer import pad_batch
 
     model = _moe(llama_dir).eval()
-    ids, labels, mask = _batch(_samples(), pad_id=0)
+    ids, labels, mask = pad_batch(_samples(), pad_id=0)
     rows = torch.tensor([0, 2, 1, 0, 2])
     with torch.no_grad(), force_experts(model, rows):
         full = response_nll(model(input_ids=ids, attention_mask=mask).logits, labels)
@@ -115,20 +116,20 @@ def test_chunked_nll_equals_full_logits_nll(llama_dir):
 def test_scoring_never_makes_more_than_a_chunk_of_logits(llama_dir, monkeypatch):
     """The LM head sees at most NLL_CHUNK_TOKENS rows at once, however many samples, tokens and experts;
     the old path made (experts x batch, length, vocab) logits in one piece."""
-    import upcycle.stages.route as route
+    import upcycle.routing.scoring as scoring
 
-    monkeypatch.setattr(route, "NLL_CHUNK_TOKENS", 4)
+    monkeypatch.setattr(scoring, "NLL_CHUNK_TOKENS", 4)
     model = _moe(llama_dir)
     sizes = []
     model.get_output_embeddings().register_forward_hook(lambda m, i, o: sizes.append(o.numel()))
     samples = _samples(5)
-    ppl = route.score_experts(model, samples, 3, batch_size=4, pad_id=0)
+    ppl = scoring.score_experts(model, samples, 3, batch_size=4, pad_id=0)
     vocab = model.config.vocab_size
     assert max(sizes) <= 4 * vocab
     response_tokens = sum(sum(l != -100 for l in s.labels[1:]) for s in samples)
     assert sum(sizes) == 3 * response_tokens * vocab  # only response positions, each once per expert
     for e in range(3):  # and the numbers are the single-expert reference's
-        assert torch.allclose(ppl[:, e], route.score_one_expert(model, samples, e, 2, 0), rtol=1e-5)
+        assert torch.allclose(ppl[:, e], scoring.score_one_expert(model, samples, e, 2, 0), rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------ (b, e) fp32 output as the last commit's

@@ -16,6 +16,7 @@ from upcycle.config import PrepareConfig, load_config
 from upcycle.errors import UpcycleError
 from upcycle.manifest import sha256_files
 from upcycle.stages import prepare
+from upcycle.train.dense import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +81,7 @@ def test_reloading_checkpoint_reproduces_its_eval_loss(llama_dir, data_file, tmp
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
     if mode == "lora":
         from peft import set_peft_model_state_dict
-        model = prepare.load_model(llama_dir, cfg)
+        model = load_model(llama_dir, cfg)
         set_peft_model_state_dict(model, load_file(out / entry["path"] / "adapter_model.safetensors"))
     else:
         model = AutoModelForCausalLM.from_pretrained(out / entry["path"])

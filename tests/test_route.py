@@ -7,7 +7,11 @@ import torch
 
 from upcycle.config import PrepareConfig, RouteConfig, load_config
 from upcycle.errors import UpcycleError
+from upcycle.moe.assemble import build_pool_model, pool_from_expand
+from upcycle.routing.buckets import assign_buckets, fill_empty_buckets
+from upcycle.routing.scoring import response_nll, score_experts, score_one_expert
 from upcycle.stages import prepare, route
+from upcycle.train.trainer import pad_batch
 
 
 def write_rows(path, rows):
@@ -87,15 +91,15 @@ def test_batched_scoring_equals_scoring_each_expert_alone(specialists):
     from upcycle.data.instructions import load_conversations
 
     pool, mixed = specialists
-    m = route.pool_from_expand(pool)
+    m = pool_from_expand(pool)
     from upcycle.config import MoESpec
-    model = route.build_pool_model(m, MoESpec(num_experts=2, top_k=1), "average", seed=0)
+    model = build_pool_model(m, MoESpec(num_experts=2, top_k=1), "average", seed=0)
     tok = AutoTokenizer.from_pretrained(m["base"])
     convs, _ = load_conversations([mixed])
     samples = [encode(c, tok, 64)[0] for c in convs]
-    batched = route.score_experts(model, samples, 2, batch_size=3, pad_id=tok.pad_token_id)
+    batched = score_experts(model, samples, 2, batch_size=3, pad_id=tok.pad_token_id)
     for e in range(2):
-        alone = route.score_one_expert(model, samples, e, batch_size=5, pad_id=tok.pad_token_id)
+        alone = score_one_expert(model, samples, e, batch_size=5, pad_id=tok.pad_token_id)
         assert torch.allclose(batched[:, e], alone, rtol=1e-5)
     # and "alone" is the dense model with that expert's MLP: compare with the checkpoint itself
     from transformers import AutoModelForCausalLM
@@ -105,9 +109,9 @@ def test_batched_scoring_equals_scoring_each_expert_alone(specialists):
         for name, p in dense.named_parameters():
             if ".mlp." not in name:
                 p.copy_(averaged[name])
-    ids, labels, mask = route._batch(samples, tok.pad_token_id)
+    ids, labels, mask = pad_batch(samples, tok.pad_token_id)
     with torch.no_grad():
-        ref = route.response_nll(dense(input_ids=ids, attention_mask=mask).logits, labels).exp()
+        ref = response_nll(dense(input_ids=ids, attention_mask=mask).logits, labels).exp()
     assert torch.allclose(batched[:, 0], ref, rtol=1e-5)
 
 
@@ -120,19 +124,19 @@ def test_random_buckets_ablation(specialists, tmp_path):
 
 def test_empty_bucket_warning_and_fallback():
     ppl = torch.tensor([[1.0, 5.0, 9.0], [1.0, 2.0, 9.0], [3.0, 1.0, 9.0], [1.0, 4.0, 3.0]])
-    owners = route.assign_buckets(ppl, "perplexity", 0)
+    owners = assign_buckets(ppl, "perplexity", 0)
     assert owners.tolist() == [0, 0, 1, 0]
     with pytest.warns(UserWarning, match="expert 2 owned no seed sample"):
-        filled, notes = route.fill_empty_buckets(owners, ppl, "steal")
+        filled, notes = fill_empty_buckets(owners, ppl, "steal")
     # quota ceil(4/3/2) = 1: expert 2 takes the sample where 9/1, 9/1, 9/1, 3/1 is lowest: sample 3
     assert filled.tolist() == [0, 0, 1, 2]
     with pytest.warns(UserWarning, match="negatives only"):
-        left, _ = route.fill_empty_buckets(owners, ppl, "leave")
+        left, _ = fill_empty_buckets(owners, ppl, "leave")
     assert left.tolist() == owners.tolist()
 
 
 def test_ties_go_to_the_lowest_index():
-    assert route.assign_buckets(torch.tensor([[2.0, 2.0, 3.0]]), "perplexity", 0).tolist() == [0]
+    assert assign_buckets(torch.tensor([[2.0, 2.0, 3.0]]), "perplexity", 0).tolist() == [0]
 
 
 def test_relative_buckets_stop_a_globally_better_expert_taking_everything():
@@ -141,10 +145,10 @@ def test_relative_buckets_stop_a_globally_better_expert_taking_everything():
     row 0: log 2/2 = 0 vs log 4/4 = 0 (tie -> 0); row 1: 0 vs log 3/4 < 0 -> 1;
     row 2: log 3/2 = 0.41 vs log 8/4 = 0.69 -> 0; row 3: log 4/2 = 0.69 vs log 6/4 = 0.41 -> 1."""
     ppl = torch.tensor([[2.0, 4.0], [2.0, 3.0], [3.0, 8.0], [4.0, 6.0]])
-    assert route.assign_buckets(ppl, "perplexity", 0).tolist() == [0, 0, 0, 0]
-    assert route.assign_buckets(ppl, "relative", 0).tolist() == [0, 1, 0, 1]
+    assert assign_buckets(ppl, "perplexity", 0).tolist() == [0, 0, 0, 0]
+    assert assign_buckets(ppl, "relative", 0).tolist() == [0, 1, 0, 1]
     # scaling one expert's perplexities by a constant changes nothing (it is relative to that expert)
-    assert route.assign_buckets(ppl * torch.tensor([1.0, 10.0]), "relative", 0).tolist() == [0, 1, 0, 1]
+    assert assign_buckets(ppl * torch.tensor([1.0, 10.0]), "relative", 0).tolist() == [0, 1, 0, 1]
 
 
 def test_seed_fraction_that_gives_no_samples(specialists, tmp_path):

@@ -8,7 +8,7 @@ Precision rule (`train.precision`, resolved in train/engine.py), the Trainer's o
     weights a stage trains         fp32 master copies while training (`fp32_master_weights`),
                                    cast back to the compute dtype afterwards (`cast_parameters`)
     compute                        the Trainer's autocast (TrainingArguments bf16/fp16)
-    router logits, softmax, losses fp32 always (moe/router.py, transformers' loss, route.py)
+    router logits, softmax, losses fp32 always (moe/router.py, transformers' loss, routing/scoring.py, routing/loss.py)
 fp32 (the CPU default) changes nothing: every weight stays fp32, no autocast.
 """
 

@@ -44,7 +44,7 @@ def evaluate_checkpoints(manifest: Manifest, base: Path, cfg, tokenizer, progres
         ckpt = manifest.folder / entry["path"]
         if cfg.mode == "lora":
             if "peft" not in loaded:
-                from upcycle.stages.prepare import load_model
+                from upcycle.train.dense import load_model
                 loaded["peft"] = load_model(base, cfg).to(accelerator())
             from peft import set_peft_model_state_dict
             set_peft_model_state_dict(loaded["peft"], load_file(ckpt / "adapter_model.safetensors"))

@@ -8,6 +8,8 @@ weights outside the experts (stage 1).
                   (zero-padded, exact) with each expert's alpha/r folded into B; LoRA deltas outside
                   the MLP (attention, if stage 1 trained them) are averaged and merged into the base.
 Routers come from the route stage's file, or are drawn fresh (seeded) when router init is off.
+`pool_from_expand` reads the expand stage's pool and `build_pool_model` assembles it: route and
+post_train both build their MoE that way.
 
 Memory: the model is built with its parameters on the meta device (no storage; buffers such as
 RoPE frequencies are made as usual), then each parameter is allocated in the requested dtype on
@@ -19,6 +21,7 @@ host memory, and no rank ever holds an fp32 copy it did not ask for.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -30,6 +33,7 @@ from upcycle.config import MoESpec
 from upcycle.errors import UpcycleError
 from upcycle.experts import LoRAExpert, open_expert
 from upcycle.io.safetensors_io import SafetensorsReader, release_memory
+from upcycle.manifest import MANIFEST
 from upcycle.moe.block import MoEBlock
 from upcycle.moe.init import init_router
 from upcycle.moe.model import attach_moe, decoder_layers
@@ -204,3 +208,27 @@ def assemble_moe(base: Path, expert_paths: list[Path], spec: MoESpec, shared_fro
 def router_state_dict(model) -> dict[str, torch.Tensor]:
     """The routers of an MoE model, under their model state_dict names."""
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k.endswith(".mlp.router.weight")}
+
+
+# ------------------------------------------------------------------------------ the expand stage's pool
+
+
+def pool_from_expand(expand_dir: Path) -> dict:
+    """The finished expand stage's manifest (base, kind, experts): the pool `build_pool_model` assembles."""
+    path = Path(expand_dir) / MANIFEST
+    if not path.is_file():
+        raise UpcycleError(f"expand {expand_dir}: no {MANIFEST}; run `upcycle expand` first")
+    m = json.loads(path.read_text())
+    if not m.get("complete"):
+        raise UpcycleError(f"expand {expand_dir}: the expand stage has not finished; rerun it to complete")
+    return m
+
+
+def build_pool_model(pool: dict, spec, shared_weights: str, seed: int, routers: Path | None = None,
+                     dtype: torch.dtype = torch.float32):
+    """`assemble_moe` on an expand pool: one expert per pool entry, the weights outside the experts
+    from its stage-1 checkpoints (`shared_weights`), routers from `routers` or drawn with `seed`."""
+    paths = [Path(e["path"]) for e in pool["experts"]]
+    shared = [Path(e["path"]) for e in pool["experts"] if e["origin"] == "checkpoint"]
+    spec = spec.model_copy(update={"num_experts": len(paths), "expert_type": "lora" if pool["kind"] == "lora" else "mlp"})
+    return assemble_moe(Path(pool["base"]), paths, spec, shared, shared_weights, routers=routers, seed=seed, dtype=dtype)

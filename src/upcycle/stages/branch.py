@@ -63,11 +63,15 @@ def domain_rows(cfg: BranchConfig, tokenizer) -> dict[str, list]:
 
 def run(cfg: BranchConfig, progress: bool = True) -> dict:
     """Under torchrun rank 0 checks the data and writes the domain files; every rank then trains
-    each domain's expert through the prepare stage (upcycle/distributed.py)."""
+    each domain's expert through the prepare stage (upcycle/distributed.py).
+
+    Running `prepare.run` once per domain is orchestration, as pipeline.py runs stages: branch
+    imports no helper of the prepare stage (the base check is upcycle/train/dense.py's)."""
     from transformers import AutoTokenizer
 
     from upcycle import distributed as dist
-    from upcycle.stages import prepare
+    from upcycle.stages import prepare  # only its run(): one prepare run per domain
+    from upcycle.train.dense import check_base
 
     started = time.perf_counter()
     if cfg.base is None or cfg.out is None:
@@ -75,7 +79,7 @@ def run(cfg: BranchConfig, progress: bool = True) -> dict:
     dist.init()
 
     def inputs():  # data errors before anything is written, shown once
-        base = prepare.check_base(cfg.base)
+        base = check_base(cfg.base)
         groups = domain_rows(cfg, AutoTokenizer.from_pretrained(base))
         seeds = {d: sg.pick_seeds(convs, cfg.seed_per_domain, cfg.seed, d) for d, convs in groups.items()} \
             if cfg.data_source == "self_generated" else {}

@@ -377,15 +377,18 @@ def prompt_routers(model, cfg: MixConfig, tokenizer) -> dict[int, torch.Tensor]:
 
 
 def ppl_routers(model, cfg: MixConfig, tokenizer, out: Path, progress: bool) -> tuple[dict[int, torch.Tensor], dict]:
-    """UpIT stage 3 on the mixed experts, with stages/route.py's own functions: seed samples, the
-    perplexity of each under every expert alone, buckets, then router pre-training (routers only)."""
+    """UpIT stage 3 on the mixed experts, with the route stage's own functions (upcycle/routing/,
+    upcycle/train/trainer.py): seed samples, the perplexity of each under every expert alone,
+    buckets, then router pre-training (routers only)."""
     from upcycle.data.build import build_datasets
     from upcycle.data.dataset import Collator, InstructionDataset
     from upcycle.devices import fp32_master_weights
     from upcycle.moe.model import moe_blocks
-    from upcycle.stages.route import (assign_buckets, fill_empty_buckets, make_trainer_class, owner_share,
-                                      router_loss, score_experts, seed_indices, set_trainable)
+    from upcycle.routing.buckets import assign_buckets, fill_empty_buckets, seed_indices
+    from upcycle.routing.loss import router_loss
+    from upcycle.routing.scoring import owner_share, score_experts
     from upcycle.train.engine import training_arguments
+    from upcycle.train.trainer import make_trainer_class, set_trainable
 
     p = cfg.ppl
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

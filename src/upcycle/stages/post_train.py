@@ -63,7 +63,7 @@ def build_model(cfg: PostTrainConfig):
 
     dtype = compute_dtype(cfg.train)
     if cfg.source == "upit":
-        from upcycle.stages.route import build_pool_model, pool_from_expand
+        from upcycle.moe.assemble import build_pool_model, pool_from_expand
 
         if cfg.expand is None:
             raise UpcycleError("post_train: source upit needs expand= (the expand stage's folder)")
@@ -97,7 +97,7 @@ def card_info(cfg: PostTrainConfig, trainable: str) -> dict:
     train = f"post-train: {epochs}, LM + load-balancing loss (coefficient {cfg.moe.aux_loss_coef:g}), trainable: {trainable}"
     info = {"tool": "upcycle post-train", "data": list(cfg.data.train)}
     if cfg.source == "upit":
-        from upcycle.stages.route import pool_from_expand
+        from upcycle.moe.assemble import pool_from_expand
 
         pool = pool_from_expand(cfg.expand)
         kind = "LoRA" if pool["kind"] == "lora" else "full"
@@ -133,7 +133,7 @@ def apply_trainable(model, which: str) -> int:
                 for proj in ("gate_proj", "up_proj", "down_proj"):
                     getattr(block.experts, proj).requires_grad_(False)
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
-    from upcycle.stages.route import set_trainable
+    from upcycle.train.trainer import set_trainable
     return set_trainable(model, which)
 
 
@@ -143,13 +143,13 @@ def expert_load_entropy(model, samples, pad_id: int, batch_size: int = 16) -> di
     from upcycle.devices import to_model_device
     from upcycle.moe.losses import expert_load
     from upcycle.moe.model import router_logits
-    from upcycle.stages.route import _batch
+    from upcycle.train.trainer import pad_batch
 
     model.eval()
     k = model.upcycle_spec.top_k
     counts = None
     for i in range(0, len(samples), batch_size):
-        ids, _, mask = to_model_device(_batch(samples[i:i + batch_size], pad_id), model)
+        ids, _, mask = to_model_device(pad_batch(samples[i:i + batch_size], pad_id), model)
         model(input_ids=ids, attention_mask=mask)
         keep = mask.reshape(-1).bool()
         layer = [expert_load(l[keep], k) * keep.sum() for l in router_logits(model)]
@@ -172,9 +172,9 @@ def run(cfg: PostTrainConfig, progress: bool = True, callbacks: list | None = No
     from upcycle.data.dataset import Collator
     from upcycle.devices import accelerator, cast_parameters, fp32_master_weights
     from upcycle.export.save import save_moe, update_card
-    from upcycle.stages.route import make_trainer_class
     from upcycle.train.checkpoints import clean_unlisted_checkpoints, make_recorder
     from upcycle.train.engine import compute_dtype, training_arguments
+    from upcycle.train.trainer import make_trainer_class
 
     started = time.perf_counter()
     if cfg.out is None:

@@ -16,45 +16,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
-from upcycle.bundled import resolve_model
 from upcycle.config import PrepareConfig, config_hash, dump_config
 from upcycle.errors import UpcycleError
-from upcycle.io.model_folder import ModelFolder
 from upcycle.manifest import Manifest
-from upcycle.moe.model import check_supported
 from upcycle.train.checkpoints import clean_unlisted_checkpoints, make_recorder
+from upcycle.train.dense import check_base, load_model
 
 CHECKPOINTS = "checkpoints"
-
-
-def check_base(cfg_base: str) -> Path:
-    base = resolve_model(cfg_base)
-    folder = ModelFolder(base)
-    from transformers import AutoConfig
-
-    check_supported(AutoConfig.from_pretrained(base))
-    if not any((base / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise UpcycleError(f"base {base}: no tokenizer (tokenizer.json / tokenizer.model); copy the tokenizer files "
-                           "of the model it came from into the folder")
-    return folder.path
-
-
-def load_model(base: Path, cfg: PrepareConfig):
-    """The dense model to train: full mode trains every weight, so it is loaded in fp32 (the master
-    weights; the Trainer's autocast computes in train.precision); LoRA mode holds the frozen base in
-    the compute dtype, and peft keeps the adapters in fp32."""
-    from transformers import AutoModelForCausalLM, set_seed
-
-    from upcycle.train.engine import apply_lora, compute_dtype
-
-    dtype = torch.float32 if cfg.mode == "full" else compute_dtype(cfg.train)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True)
-    if cfg.mode == "lora":
-        set_seed(cfg.seed)  # peft draws LoRA A from torch's global RNG: seed it for determinism
-        model = apply_lora(model, cfg.lora)
-    return model
 
 
 def run(cfg: PrepareConfig, progress: bool = True) -> dict:
