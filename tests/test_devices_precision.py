@@ -241,8 +241,10 @@ def test_upit_lora_bf16_end_to_end_close_to_fp32(llama_dir, tmp_path):
 
 
 def test_checkpoint_hashing_runs_beside_training(llama_dir, tmp_path, monkeypatch):
-    """A slow hash (1 s a checkpoint) runs on the worker thread while training steps go on; every
-    checkpoint is still listed, in order, with the sha256 of its files (hashlib, independently)."""
+    """The first checkpoint's hash does not return until training has written the next checkpoint:
+    with hashing on the training thread that could never happen (it would wait out its 120 s and
+    the test fails). Every checkpoint is still listed, in order, with the sha256 of its files
+    (hashlib, independently). No timing assumption beyond the generous deadline."""
     import hashlib
     import threading
     import time
@@ -251,21 +253,26 @@ def test_checkpoint_hashing_runs_beside_training(llama_dir, tmp_path, monkeypatc
     from upcycle.config import PrepareConfig, load_config
     from upcycle.stages import prepare
 
-    calls = []  # (thread name, start, end)
+    calls = []  # (thread name, saw the next checkpoint's files appear while this hash was running)
     real = checkpoints.sha256_files
+    out = tmp_path / "p"
 
     def slow_hash(files):
-        start = time.time()
-        time.sleep(1.0)
+        saw_next = False
+        if not calls:  # the first checkpoint: hold its hash until training writes more weights
+            before = set(out.rglob("*.safetensors"))
+            deadline = time.time() + 120
+            while not saw_next and time.time() < deadline:
+                saw_next = bool(set(out.rglob("*.safetensors")) - before)
+                time.sleep(0.05)
         digest = real(files)
-        calls.append((threading.current_thread().name, start, time.time()))
+        calls.append((threading.current_thread().name, saw_next))
         return digest
 
     monkeypatch.setattr(checkpoints, "sha256_files", slow_hash)
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps({"instruction": f"add {i} and {i + 1}", "output": f"{2 * i + 1}"})
                               for i in range(40)) + "\n")
-    out = tmp_path / "p"
     cfg = load_config(PrepareConfig, None, [f"base={llama_dir}", f"out={out}", f"data.train={data}", "data.max_length=64",
                                             "data.eval_fraction=0", "train.batch_size=4", "train.epochs=1",
                                             "save_every=0.25", "evaluate=false"])
@@ -274,13 +281,11 @@ def test_checkpoint_hashing_runs_beside_training(llama_dir, tmp_path, monkeypatc
     ckpts = manifest["checkpoints"]
     assert manifest["complete"] and len(ckpts) == 4 and [c["index"] for c in ckpts] == [0, 1, 2, 3]
     assert [c["step"] for c in ckpts] == sorted(c["step"] for c in ckpts)
-    assert len(calls) == 4 and all(name.startswith("checkpoint-sha256") for name, _, _ in calls)
+    assert len(calls) == 4 and all(name.startswith("checkpoint-sha256") for name, _ in calls)
     for c in ckpts:
         h = hashlib.sha256()
         for f in sorted((out / c["path"]).glob("*.safetensors")):
             h.update(f.read_bytes())
         assert c["sha256"] == h.hexdigest()
-    # training went on while hashing: the next checkpoint was written before the first hash ended
-    # (with the hash on the training thread, it could only be written after)
-    next_written = max(f.stat().st_mtime for f in (out / ckpts[1]["path"]).glob("*.safetensors"))
-    assert next_written < calls[0][2]
+    # training went on while the first hash was held: the next checkpoint's weights appeared meanwhile
+    assert calls[0][1]
