@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from upcycle.config import ExpandConfig
 from upcycle.errors import UpcycleError
 from upcycle.experts import open_expert
+from upcycle.manifest import resolve_path
 from upcycle.merge import ops
 from upcycle.seeding import generator
 from upcycle.stages import expand
@@ -95,7 +96,7 @@ def check_children(out, base_dir, drop_p):
     children, for their statistics."""
     manifest = json.loads((out / "manifest.json").read_text())
     base = load_file(base_dir / "model.safetensors")
-    weights = [load_file(next(iter(sorted(Path(e["path"]).glob("*.safetensors"))))) for e in manifest["experts"]]
+    weights = [load_file(next(iter(sorted(resolve_path(e["path"], out).glob("*.safetensors"))))) for e in manifest["experts"]]
     masks = []
     for r in manifest["lineage"]:
         assert 0 < r["alpha"] < 1 and r["drop_p"] == drop_p
@@ -186,7 +187,7 @@ def test_lora_children_merge_in_delta_space(tmp_path, base_dir):
     for name in ("exact", "approx"):
         m = json.loads((tmp_path / name / "manifest.json").read_text())
         r = m["lineage"][0]
-        pool = [open_expert(e["path"]) for e in m["experts"]]
+        pool = [open_expert(resolve_path(e["path"], tmp_path / name)) for e in m["experts"]]
         j, k = r["parents"]
         errors = []
         for l in range(L):

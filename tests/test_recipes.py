@@ -7,6 +7,7 @@ import pytest
 
 from upcycle.cli import main
 from upcycle.config import load_config
+from upcycle.manifest import resolve_path
 from upcycle.pipeline import RunConfig, stage_configs
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
@@ -73,7 +74,7 @@ def test_mixed_recipes_record_lineage_and_freeze_what_they_say(recipe, llama_dir
     branch = json.loads((out / "branch" / "manifest.json").read_text())
     assert [d["domain"] for d in branch["domains"]] == ["code", "math"]
     for d in branch["domains"]:
-        rows = [json.loads(line) for line in Path(d["data"]).read_text().splitlines()]
+        rows = [json.loads(line) for line in resolve_path(d["data"], out / "branch").read_text().splitlines()]
         assert len(rows) == d["rows"] > 0 and {r["domain"] for r in rows} == {d["domain"]}
     assert sum(d["rows"] for d in branch["domains"]) == 36  # the 40 rows less the 10% eval split, each in one expert
     mixed, trained = load_moe(out / "mix" / "moe"), load_moe(out / "post_train" / "model")
@@ -94,7 +95,7 @@ def test_mixed_recipes_record_lineage_and_freeze_what_they_say(recipe, llama_dir
     before = mixed.state_dict()
     if recipe == "btx":  # attention is the average of the two fine-tunes' before post-training
         name = "model.layers.0.self_attn.q_proj.weight"
-        ws = [load_file(Path(d["expert"]) / "model.safetensors")[name] for d in branch["domains"]]
+        ws = [load_file(resolve_path(d["expert"], out / "branch") / "model.safetensors")[name] for d in branch["domains"]]
         assert torch.allclose(before[name], (ws[0] + ws[1]) / 2, atol=1e-6)
     from upcycle.export.model_card import read_front_matter
     tags = read_front_matter(out / "post_train" / "model" / "README.md")["tags"]

@@ -10,6 +10,7 @@ import torch
 
 from upcycle.cli import main
 from upcycle.data import self_generate as sg
+from upcycle.manifest import resolve_path
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "self_moe_selfgen.yaml"
 TINY = ["data.max_length=64", "data.eval_fraction=0.1", "evaluate=false", "post_train.train.batch_size=4",
@@ -189,7 +190,7 @@ def test_manifest_records_the_lineage_of_each_generated_file(selfgen_run, tiny_d
         path = selfgen_run / "branch" / "data" / f"{domain}.generated.jsonl"
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         kept = len(path.read_text().splitlines())
-        assert gen["sha256"] == entry["data_sha256"] == digest and entry["data"] == str(path)
+        assert gen["sha256"] == entry["data_sha256"] == digest and resolve_path(entry["data"], selfgen_run / "branch") == path
         assert gen["kept"] == entry["rows"] == kept and entry["data_source"] == "self_generated"
         # generate_per_domain: null asks for as many pairs as the domain has training rows
         assert gen["asked"] == sum(1 for s in train if json.loads(lines[int(s.rsplit(":", 1)[1]) - 1])["domain"] == domain)

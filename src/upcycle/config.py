@@ -16,6 +16,7 @@ Where the papers are silent, the default chosen here is documented on the field 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -846,10 +847,41 @@ def dump_config(cfg: BaseModel, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
 
 
-def config_hash(cfg: BaseModel, exclude: set[str] = frozenset({"force", "out"})) -> str:
-    """A stable hash of everything that changes a stage's result (not where it is written)."""
+def config_hash(cfg: BaseModel, exclude: set[str] = frozenset({"force", "out"}), anchor: str | Path | None = None) -> str:
+    """A stable hash of everything that changes a stage's result (not where it is written).
+
+    It does not depend on where the run folder lies, so a run folder can be moved: a path in the
+    config that lies inside the anchor folder is hashed as `<anchor>/` plus its path relative to it
+    (the saved config keeps the path as given). The anchor is the parent of the stage's `out` (for a
+    recipe's stage: the run folder, which the pipeline passes as `anchor`); the branch stage passes
+    its own anchor to its per-domain prepare runs, whose data lies in the branch folder beside them.
+    A config without `out` and no anchor hashes its paths as they are.
+    """
     import hashlib
     import json
 
+    if anchor is None and getattr(cfg, "out", None) is not None:
+        anchor = Path(cfg.out).parent
     data = cfg.model_dump(mode="json", by_alias=True, exclude=set(exclude))
+    if anchor is not None:
+        data = _anchored(data, os.path.abspath(anchor))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _anchored(value: Any, anchor: str) -> Any:
+    """`value` with each path string inside `anchor` (an absolute folder) written relative to it;
+    a path after a `name:` prefix (post_train's `prepare:FOLDER`) too."""
+    if isinstance(value, dict):
+        return {k: _anchored(v, anchor) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_anchored(v, anchor) for v in value]
+    if not isinstance(value, str):
+        return value
+    head, colon, tail = value.partition(":")
+    prefix, path = (head + colon, tail) if colon and head.isidentifier() else ("", value)
+    if not (os.path.isabs(path) or "/" in path or os.sep in path):  # a name (suite, bundled:..., lora), not a path
+        return value
+    full = os.path.abspath(path)
+    if full != anchor and not full.startswith(anchor.rstrip(os.sep) + os.sep):
+        return value
+    return prefix + Path("<anchor>", os.path.relpath(full, anchor)).as_posix()

@@ -4,12 +4,20 @@ It is rewritten atomically (temporary file + rename) after each complete unit of
 at any moment leaves either the old record or the new one, never a half-written one, and a
 listed checkpoint is always a complete one. Under torchrun only rank 0 writes it (upcycle/distributed.py):
 `save` does nothing on the other ranks, which `reload` what rank 0 wrote after waiting for it.
+
+Paths in a manifest (and in the other records a stage writes beside it: lineage.json, the run's
+results.json) that lie inside the run folder are stored relative to the folder of the file that
+stores them (`stored_path`), so a run folder can be moved whole; every reader resolves them against
+the folder where it found the file (`resolve_path`). The run folder is the parent of the stage's
+folder (for a recipe's stage, `upcycle run`'s out). Paths outside it (the base model, the user's
+data files) are stored absolute. Checkpoint entries (`path`) are relative to the stage's folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,6 +35,21 @@ def sha256_files(paths: list[Path]) -> str:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def stored_path(path: str | Path, folder: str | Path, run_folder: str | Path | None = None) -> str:
+    """How a record in `folder` stores `path`: relative to `folder` when it lies inside the run
+    folder (default: `folder`'s parent), else absolute."""
+    full, folder = os.path.abspath(path), os.path.abspath(folder)
+    run = os.path.abspath(run_folder) if run_folder is not None else os.path.dirname(folder)
+    if full == run or full.startswith(run.rstrip(os.sep) + os.sep):
+        return Path(os.path.relpath(full, folder)).as_posix()
+    return full
+
+
+def resolve_path(stored: str | Path, folder: str | Path) -> Path:
+    """A path read from a record found in `folder`: a relative one is relative to that folder."""
+    return Path(os.path.normpath(Path(folder) / stored)) if not Path(stored).is_absolute() else Path(stored)
 
 
 class Manifest:

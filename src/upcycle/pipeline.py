@@ -4,7 +4,10 @@ A recipe names its stages (UpIT: prepare, expand, route, post_train; experts tra
 branch, mix, post_train) and configures each; the pipeline
 fills in what connects them (each stage's input is the previous stage's folder under `out`, and
 all share `base`, `data` and `seed`). The run manifest (`out/run.json`) records, per stage, the
-config hash and the content hash of the stage's own manifest when it finished. On a rerun a
+config hash and the content hash of the stage's own manifest when it finished. Neither depends on
+where the run folder lies (config_hash takes the paths inside it relative to it; manifests store
+them relative to their own folder: upcycle/manifest.py), so a run folder can be moved whole and
+rerun with the new `out`. On a rerun a
 finished stage whose manifest is unchanged is skipped; an unfinished one resumes (each stage
 resumes from its last complete checkpoint); a stage whose folder was made by a different config
 is refused before anything is written, unless `--redo STAGE` clears it and every stage after it.
@@ -32,7 +35,7 @@ from upcycle.config import (AT, BranchConfig, DataSpec, ExpandConfig, MixConfig,
                             RouteConfig, _Section, base_problems, config_hash, dump_config, refuse)
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import atomic_write_text
-from upcycle.manifest import MANIFEST
+from upcycle.manifest import MANIFEST, stored_path
 
 StageName = Literal["prepare", "branch", "expand", "route", "mix", "post_train"]
 ORDER: tuple[str, ...] = ("prepare", "branch", "expand", "route", "mix", "post_train")
@@ -309,7 +312,7 @@ def _refusals(cfgs: dict, record: dict, out: Path, redo: list[str]) -> list[str]
         done = record["stages"].get(stage)
         if stage in redo or done is None or not (out / stage).exists():
             continue
-        if done.get("config_hash") != config_hash(stage_cfg):
+        if done.get("config_hash") != config_hash(stage_cfg, anchor=out):
             problems.append(f"out {out / stage}: made by a different {stage} config; rerun with --redo {stage} "
                             "to replace it (and every stage after it), or choose another out")
             break  # later stages would be redone anyway
@@ -337,13 +340,13 @@ def run(cfg: RunConfig, progress: bool = True, redo: list[str] | None = None) ->
                 continue
             if progress and dist.is_main():
                 print(f"[{cfg.recipe}] {stage}: running", flush=True)
-            record["stages"][stage] = {"status": "running", "config_hash": config_hash(stage_cfg)}
+            record["stages"][stage] = {"status": "running", "config_hash": config_hash(stage_cfg, anchor=out)}
             if dist.is_main():
                 atomic_write_text(record_path, json.dumps(record, indent=2))
             t0 = time.perf_counter()
             _module(stage).run(stage_cfg, progress=progress)
             dist.barrier()  # every rank's part of the stage is done (rank 0 has written its manifest)
-            record["stages"][stage] = {"status": "done", "config_hash": config_hash(stage_cfg),
+            record["stages"][stage] = {"status": "done", "config_hash": config_hash(stage_cfg, anchor=out),
                                        "manifest_sha256": _stage_digest(out / stage),
                                        "seconds": round(time.perf_counter() - t0, 1)}
             if dist.is_main():
@@ -354,7 +357,8 @@ def run(cfg: RunConfig, progress: bool = True, redo: list[str] | None = None) ->
                 _describe_mixed(cfg, out)
             result = {"recipe": cfg.recipe, "stages": list(cfgs), **(results_of(cfgs, out) if cfg.evaluate else {}),
                       "seconds": time.perf_counter() - started}
-            atomic_write_text(out / "results.json", json.dumps(result, indent=2, default=str))
+            stored = {**result, "model": stored_path(result["model"], out, run_folder=out)} if "model" in result else result
+            atomic_write_text(out / "results.json", json.dumps(stored, indent=2, default=str))
             return result
 
         result = dist.on_rank_zero_then_wait(finish)
@@ -391,7 +395,7 @@ def _plan(cfg: RunConfig, cfgs: dict, redo: list[str], lock: "contextlib.ExitSta
             record["stages"].pop(stage, None)
     def finished(stage: str) -> bool:  # done with this config, and its manifest unchanged since
         done = record["stages"].get(stage) or {}
-        return done.get("status") == "done" and done.get("config_hash") == config_hash(cfgs[stage]) \
+        return done.get("status") == "done" and done.get("config_hash") == config_hash(cfgs[stage], anchor=out) \
             and done.get("manifest_sha256") == _stage_digest(out / stage)
 
     return record, [stage for stage in cfgs if not finished(stage)]

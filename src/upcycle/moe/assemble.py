@@ -33,7 +33,7 @@ from upcycle.config import MoESpec
 from upcycle.errors import UpcycleError
 from upcycle.experts import LoRAExpert, open_expert
 from upcycle.io.safetensors_io import SafetensorsReader, release_memory
-from upcycle.manifest import MANIFEST
+from upcycle.manifest import MANIFEST, resolve_path
 from upcycle.moe.block import MoEBlock
 from upcycle.moe.init import init_router
 from upcycle.moe.model import attach_moe, decoder_layers
@@ -214,14 +214,17 @@ def router_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def pool_from_expand(expand_dir: Path) -> dict:
-    """The finished expand stage's manifest (base, kind, experts): the pool `build_pool_model` assembles."""
+    """The finished expand stage's manifest (base, kind, experts): the pool `build_pool_model` assembles,
+    its paths resolved against the folder (a manifest stores them relative to it: upcycle/manifest.py)."""
     path = Path(expand_dir) / MANIFEST
     if not path.is_file():
         raise UpcycleError(f"expand {expand_dir}: no {MANIFEST}; run `upcycle expand` first")
     m = json.loads(path.read_text())
     if not m.get("complete"):
         raise UpcycleError(f"expand {expand_dir}: the expand stage has not finished; rerun it to complete")
-    return m
+    return {**m, "base": str(resolve_path(m["base"], expand_dir)),
+            "experts": [{**e, **({"path": str(resolve_path(e["path"], expand_dir))} if "path" in e else {})}
+                        for e in m["experts"]]}
 
 
 def build_pool_model(pool: dict, spec, shared_weights: str, seed: int, routers: Path | None = None,

@@ -5,7 +5,8 @@ The story: load the training data as every stage does (same eval split, same see
 rows by their `domain`, write each domain's rows to `data/<domain>.jsonl`, and train one copy of
 the base on each through the prepare stage (full fine-tuning or a LoRA adapter; each run resumes
 on its own). The manifest's `domains` list is the lineage: per expert, its domain, how many rows,
-the data file and its hash, and the expert folder (the last checkpoint) that `mix` takes.
+the data file and its hash, and the expert folder (the last checkpoint) that `mix` takes (both
+relative to the branch folder: upcycle/manifest.py).
 The union of the domain files is exactly the training split the later stages use, so each row is
 seen train.epochs times in all: the data budget of one stage-1 run.
 
@@ -28,7 +29,7 @@ from upcycle.config import BranchConfig, PrepareConfig, config_hash, dump_config
 from upcycle.data import self_generate as sg
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import atomic_write_text
-from upcycle.manifest import MANIFEST, Manifest, sha256_files
+from upcycle.manifest import MANIFEST, Manifest, resolve_path, sha256_files, stored_path
 
 DATA = "data"
 EXPERTS = "experts"
@@ -89,7 +90,7 @@ def run(cfg: BranchConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
 
     def open_folder() -> Manifest:
-        m = Manifest.open(out, "branch", config_hash(cfg), force=cfg.force, initial={"base": str(base)})
+        m = Manifest.open(out, "branch", config_hash(cfg), force=cfg.force, initial={"base": stored_path(base, out)})
         if not (out / "upcycle_config.yaml").exists():
             dump_config(cfg, out / "upcycle_config.yaml")
         (out / DATA).mkdir(exist_ok=True)
@@ -117,19 +118,20 @@ def run(cfg: BranchConfig, progress: bool = True) -> dict:
         data = cfg.data.model_copy(update={"train": [str(data_file)], "eval": None, "eval_fraction": 0.0, "limit": None})
         stage = PrepareConfig(base=str(base), out=out / EXPERTS / domain, seed=cfg.seed, mode=cfg.mode, lora=cfg.lora,
                               data=data, train=cfg.train, save_every=cfg.train.epochs, evaluate=False, force=cfg.force)
-        prepare.run(stage, progress=progress)
+        prepare.run(stage, progress=progress, anchor=out.parent)  # the branch's anchor: its data lies beside the expert
         record = json.loads((out / EXPERTS / domain / MANIFEST).read_text())
-        sources = [f"{data_file}:{i}" for i in range(1, rows + 1)] if generated else [c.source for c in convs]
-        entry = {"domain": domain, "rows": rows, "data": str(data_file), "data_sha256": sha256_files([data_file]),
+        data_name = stored_path(data_file, out)
+        sources = [f"{data_name}:{i}" for i in range(1, rows + 1)] if generated else [c.source for c in convs]
+        entry = {"domain": domain, "rows": rows, "data": data_name, "data_sha256": sha256_files([data_file]),
                  "sources": sources[:3] + (["..."] if rows > 3 else []),
-                 "expert": str((out / EXPERTS / domain / record["checkpoints"][-1]["path"]).resolve()),
+                 "expert": stored_path(out / EXPERTS / domain / record["checkpoints"][-1]["path"], out),
                  "mode": cfg.mode, "epochs": cfg.train.epochs, "data_source": cfg.data_source}
         if generated:  # the only real rows behind this expert
             entry["seeds"] = generated[domain]["seeds"]
         lineage.append(entry)
     manifest.data.update(domains=lineage, kind="lora" if cfg.mode == "lora" else "ffn", complete=True)
     manifest.save()  # rank 0 only
-    return {"out": str(out), "experts": [d["expert"] for d in lineage], "domains": lineage,
+    return {"out": str(out), "experts": [str(resolve_path(d["expert"], out)) for d in lineage], "domains": lineage,
             "seconds": time.perf_counter() - started}
 
 
@@ -156,10 +158,10 @@ def self_generate(cfg: BranchConfig, base: Path, seeds: dict[str, list], counts:
                                           sg.Settings.of(cfg), cfg.seed)
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         seeds_file = Path(manifest.folder) / DATA / f"{domain}.seeds.jsonl"
-        listed[domain] = {"file": str(path), "sha256": sha256_files([path]), "asked": asked,
+        listed[domain] = {"file": stored_path(path, manifest.folder), "sha256": sha256_files([path]), "asked": asked,
                           **report.as_dict(), "seeds": [s.source for s in picked],
-                          "seeds_file": str(seeds_file), "seeds_sha256": sha256_files([seeds_file]),
-                          "generator": {"base": str(base), "shots": cfg.shots, "max_new_tokens": cfg.max_new_tokens,
+                          "seeds_file": stored_path(seeds_file, manifest.folder), "seeds_sha256": sha256_files([seeds_file]),
+                          "generator": {"base": stored_path(base, manifest.folder), "shots": cfg.shots, "max_new_tokens": cfg.max_new_tokens,
                                         "temperature": cfg.temperature, "top_p": cfg.top_p,
                                         "batch_size": cfg.generate_batch_size, "seed": cfg.seed}}
         if report.kept < asked and progress:
@@ -167,9 +169,9 @@ def self_generate(cfg: BranchConfig, base: Path, seeds: dict[str, list], counts:
                   f"prompts (dropped: {dict(report.dropped)})", flush=True)
         manifest.save()
     union = generated_union(manifest.folder)
-    files = [Path(listed[d]["file"]) for d in seeds]
+    files = [resolve_path(listed[d]["file"], manifest.folder) for d in seeds]
     atomic_write_text(union, "".join(f.read_text(encoding="utf-8") for f in files))
-    manifest.data["generated_union"] = {"file": str(union), "sha256": sha256_files([union]),
+    manifest.data["generated_union"] = {"file": stored_path(union, manifest.folder), "sha256": sha256_files([union]),
                                         "domains": list(seeds)}
     manifest.save()
     if model is not None:

@@ -31,7 +31,7 @@ from upcycle.experts import Key, ffn_name, lora_factors_from_delta, open_expert
 from upcycle.io.atomic import atomic_dir
 from upcycle.io.model_folder import ModelFolder
 from upcycle.io.safetensors_io import PlannedTensor, ShardedWriter, release_memory
-from upcycle.manifest import MANIFEST, Manifest, sha256_files
+from upcycle.manifest import MANIFEST, Manifest, resolve_path, sha256_files, stored_path
 from upcycle.merge import ops
 from upcycle.seeding import generator
 
@@ -207,22 +207,23 @@ def _expand(cfg: ExpandConfig, progress: bool) -> dict:
     problems = cfg.pool_problems(len(selected), at="")  # the same check `upcycle run` makes from the counts alone
     if problems:
         raise UpcycleError(*problems)
-    base_folder = ModelFolder(prep["base"])
+    base_path = resolve_path(prep["base"], cfg.prepare)
+    base_folder = ModelFolder(base_path)
     base_reader = base_folder.reader()
     experts = [open_expert(Path(cfg.prepare) / c["path"]) for c in selected]
     keys = check_pool(experts, base_reader)
 
     out = Path(cfg.out)
     manifest = Manifest.open(out, "expand", config_hash(cfg), force=cfg.force, initial={
-        "base": prep["base"], "kind": experts[0].kind, "num_experts": cfg.num_experts,
+        "base": stored_path(base_path, out), "kind": experts[0].kind, "num_experts": cfg.num_experts,
         "experts": [{"index": i, "origin": "checkpoint", "checkpoint": c["index"], "epoch": c["epoch"],
-                     "path": str((Path(cfg.prepare) / c["path"]).resolve()), "sha256": c["sha256"]}
+                     "path": stored_path(Path(cfg.prepare) / c["path"], out), "sha256": c["sha256"]}
                     for i, c in enumerate(selected)],
         "lineage": []})
     if not (out / "upcycle_config.yaml").exists():
         dump_config(cfg, out / "upcycle_config.yaml")
     records = manifest.data["experts"]
-    experts = [open_expert(r["path"]) for r in records]  # on resume, children made earlier are in the pool
+    experts = [open_expert(resolve_path(r["path"], out)) for r in records]  # on resume, children made earlier are in the pool
     if "grams" in manifest.data:
         grams = _grams_from_json(manifest.data["grams"])
     else:
@@ -259,7 +260,7 @@ def _expand(cfg: ExpandConfig, progress: bool) -> dict:
                   {str(l): list(p) for l, p in parents.items()}, "alpha": alpha, "drop_p": cfg.drop_p,
                   "seed": cfg.seed, "parent_choice": cfg.parents, "metric": cfg.similarity,
                   "similarity_before": before.tolist(), **notes}
-        records.append({"index": index, "origin": "child", "path": str(child_dir.resolve()),
+        records.append({"index": index, "origin": "child", "path": stored_path(child_dir, out),
                         "sha256": sha256_files(sorted(child_dir.glob("*.safetensors")))})
         manifest.data["lineage"].append(record)
         manifest.data["grams"] = _grams_to_json(grams)

@@ -34,7 +34,7 @@ from upcycle.config import MixConfig, MoESpec, config_hash, dump_config
 from upcycle.errors import UpcycleError
 from upcycle.experts import FFN_RE, LoRAExpert, open_expert
 from upcycle.io.model_folder import ModelFolder
-from upcycle.manifest import MANIFEST, Manifest
+from upcycle.manifest import MANIFEST, Manifest, resolve_path, stored_path
 from upcycle.moe.experts import PROJS
 from upcycle.seeding import generator
 
@@ -58,7 +58,7 @@ def expert_paths(cfg: MixConfig) -> list[str]:
     record = json.loads(path.read_text()) if path.is_file() else {}
     if not record.get("complete"):
         raise UpcycleError(f"branch {cfg.branch}: the branch stage has not finished; run it first")
-    return [d["expert"] for d in record["domains"]]
+    return [str(resolve_path(d["expert"], cfg.branch)) for d in record["domains"]]
 
 
 @dataclass
@@ -475,8 +475,8 @@ def run(cfg: MixConfig, progress: bool = True, method: str = "mix") -> dict:
     out = Path(cfg.out)
     inputs = [mix.base.path, *paths]
     manifest = dist.on_rank_zero_then_wait(lambda: Manifest.open(out, "mix", config_hash(cfg), force=cfg.force, initial={
-        "base": str(mix.base.path), "kind": mix.kind,
-        "experts": [{"path": str(Path(p).resolve()), "origin": "checkpoint"} for p in paths]}))
+        "base": stored_path(mix.base.path, out), "kind": mix.kind,
+        "experts": [{"path": stored_path(p, out), "origin": "checkpoint"} for p in paths]}))
     if manifest.complete:
         return {"out": str(out), "model": str(out / MODEL), **{k: manifest.data.get(k) for k in ("format", "routing")}}
     if dist.is_main() and not (out / "upcycle_config.yaml").exists():
@@ -521,7 +521,8 @@ def run(cfg: MixConfig, progress: bool = True, method: str = "mix") -> dict:
                                    force=True, extra=extra, provenance=provenance, base_ref=base_ref, progress=progress,
                                    card=card_info(cfg, mix, method), inputs=inputs)
         manifest.data.update(format=written["format"], files=written["files"], parameters=written["parameters"],
-                             checks=mix.checks, routing=report, complete=True)
+                             checks=[{**c, "expert": stored_path(c["expert"], out)} for c in mix.checks],
+                             routing=report, complete=True)
         manifest.save()
         return {"format": written["format"]}
 

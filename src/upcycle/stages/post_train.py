@@ -21,7 +21,7 @@ import torch
 
 from upcycle.config import PostTrainConfig, config_hash, dump_config
 from upcycle.errors import UpcycleError
-from upcycle.manifest import MANIFEST, Manifest
+from upcycle.manifest import MANIFEST, Manifest, resolve_path
 
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
@@ -40,19 +40,20 @@ def dense_source(spec: str) -> tuple[Path, Path]:
     if not manifest or not manifest.get("complete"):
         raise UpcycleError(f"dense {spec}: not a finished prepare run")
     last = folder / manifest["checkpoints"][-1]["path"]
+    base = resolve_path(manifest["base"], folder)
     if manifest["mode"] == "full":
-        return last, Path(manifest["base"])
+        return last, base
     merged = folder / "final_merged"
     if not (merged / "config.json").is_file():  # merge the final adapter into the base once
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from upcycle.io.atomic import atomic_dir
-        base = AutoModelForCausalLM.from_pretrained(manifest["base"], dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, last).merge_and_unload()
+        dense = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = PeftModel.from_pretrained(dense, last).merge_and_unload()
         with atomic_dir(merged, force=True) as tmp:
             model.save_pretrained(tmp)
-            AutoTokenizer.from_pretrained(manifest["base"]).save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
     return merged, merged
 
 
@@ -110,7 +111,8 @@ def card_info(cfg: PostTrainConfig, trainable: str) -> dict:
             else "route: skipped (random routers)", train]}
     stages = [f"upcycle: {cfg.moe.num_experts} experts from the dense MLP, init {cfg.init.method}", train]
     if cfg.dense.startswith("prepare:"):
-        base = json.loads((Path(cfg.dense.removeprefix("prepare:")) / MANIFEST).read_text())["base"]
+        folder = Path(cfg.dense.removeprefix("prepare:"))
+        base = str(resolve_path(json.loads((folder / MANIFEST).read_text())["base"], folder))
         stages.insert(0, "prepare: dense instruction tuning; its final checkpoint is upcycled")
     else:
         base = str(dense_source(cfg.dense)[0])

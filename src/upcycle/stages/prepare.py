@@ -18,16 +18,17 @@ from pathlib import Path
 
 from upcycle.config import PrepareConfig, config_hash, dump_config
 from upcycle.errors import UpcycleError
-from upcycle.manifest import Manifest
+from upcycle.manifest import Manifest, stored_path
 from upcycle.train.checkpoints import clean_unlisted_checkpoints, make_recorder
 from upcycle.train.dense import check_base, load_model
 
 CHECKPOINTS = "checkpoints"
 
 
-def run(cfg: PrepareConfig, progress: bool = True) -> dict:
+def run(cfg: PrepareConfig, progress: bool = True, anchor: Path | None = None) -> dict:
     """Under torchrun: rank 0 checks the inputs and owns the folder, every rank trains, the
-    checkpoints are scored sharded by checkpoint (upcycle/distributed.py)."""
+    checkpoints are scored sharded by checkpoint (upcycle/distributed.py). `anchor`: the folder
+    the config hash takes paths relative to (config_hash; default: the parent of `out`)."""
     from transformers import AutoTokenizer, Trainer
 
     from upcycle import distributed as dist
@@ -45,7 +46,8 @@ def run(cfg: PrepareConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
 
     def open_folder() -> Manifest:
-        m = Manifest.open(out, "prepare", config_hash(cfg), force=cfg.force, initial={"mode": cfg.mode, "base": str(base)})
+        m = Manifest.open(out, "prepare", config_hash(cfg, anchor=anchor), force=cfg.force,
+                          initial={"mode": cfg.mode, "base": stored_path(base, out)})
         if not (out / "upcycle_config.yaml").exists():
             dump_config(cfg, out / "upcycle_config.yaml")
         return m

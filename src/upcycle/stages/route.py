@@ -26,7 +26,7 @@ from upcycle.config import RouteConfig, config_hash, dump_config
 from upcycle.devices import accelerator, cast_parameters, fp32_master_weights
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import atomic_write_text
-from upcycle.manifest import Manifest
+from upcycle.manifest import Manifest, stored_path
 from upcycle.routing.buckets import assign_buckets, fill_empty_buckets, seed_indices
 from upcycle.routing.loss import router_loss
 from upcycle.routing.scoring import owner_share, score_experts
@@ -72,7 +72,7 @@ def run(cfg: RouteConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
 
     def open_folder() -> Manifest:
-        m = Manifest.open(out, "route", config_hash(cfg), force=cfg.force, initial={"expand": str(cfg.expand)})
+        m = Manifest.open(out, "route", config_hash(cfg), force=cfg.force, initial={"expand": stored_path(cfg.expand, out)})
         if not (out / "upcycle_config.yaml").exists():
             dump_config(cfg, out / "upcycle_config.yaml")
         return m
