@@ -63,7 +63,8 @@ def fake_prepare(tmp_path, base_dir, task_vectors, lora=None):
             save_file(state, ck / "adapter_model.safetensors", metadata={"format": "pt"})
             (ck / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": 2 * rank, "target_modules": list(PROJS)}))
         entries.append({"index": i, "step": i + 1, "epoch": (i + 1) / 4, "path": f"checkpoints/checkpoint-{i}", "sha256": str(i)})
-    (root / "manifest.json").write_text(json.dumps({"stage": "prepare", "complete": True, "base": str(base_dir),
+    (root / "manifest.json").write_text(json.dumps({"stage": "prepare", "config_hash": "made-by-test", "complete": True,
+                                                    "mode": "lora" if lora else "full", "base": str(base_dir),
                                                     "checkpoints": entries}))
     return root
 

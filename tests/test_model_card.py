@@ -211,8 +211,10 @@ def test_upit_card_info_from_the_expand_manifest(tmp_path):
 
     expand = tmp_path / "expand"
     expand.mkdir()
-    experts = [{"origin": "checkpoint"}] * 3 + [{"origin": "child"}]
-    (expand / "manifest.json").write_text(json.dumps({"complete": True, "base": "/m/SmolLM2", "kind": "lora",
+    experts = [{"index": i, "origin": "checkpoint" if i < 3 else "child", "path": f"experts/e{i}", "sha256": "-"}
+               for i in range(4)]
+    (expand / "manifest.json").write_text(json.dumps({"stage": "expand", "config_hash": "-", "complete": True,
+                                                      "base": "/m/SmolLM2", "kind": "lora", "num_experts": 4,
                                                       "experts": experts}))
     info = card_info(PostTrainConfig(source="upit", expand=expand, route=None), "experts_and_routers")
     assert info["method"] == "upit" and info["base"] == "/m/SmolLM2"

@@ -126,7 +126,7 @@ def test_a_run_stopped_after_expand_and_moved_finishes_at_its_new_place(llama_di
     # route and post_train read the moved expand pool: its experts resolve inside the new folder
     from upcycle.moe.assemble import pool_from_expand
     pool = pool_from_expand(new / "expand")
-    assert all(Path(e["path"]).is_dir() and Path(e["path"]).is_relative_to(new) for e in pool["experts"])
+    assert all(Path(e.path).is_dir() and Path(e.path).is_relative_to(new) for e in pool.experts)
     assert (new / "post_train" / "model").is_dir()
     no_absolute_paths_into(new, UPIT)
 

@@ -36,8 +36,9 @@ def specialists(llama_dir, tmp_path_factory):
         experts.append({"index": len(experts), "origin": "checkpoint", "path": str(root / letter / ck["path"]), "sha256": ck["sha256"]})
     pool = root / "pool"
     pool.mkdir()
-    (pool / "manifest.json").write_text(json.dumps({"stage": "expand", "complete": True, "base": str(llama_dir),
-                                                    "kind": "ffn", "experts": experts}))
+    (pool / "manifest.json").write_text(json.dumps({"stage": "expand", "config_hash": "made-by-test", "complete": True,
+                                                    "base": str(llama_dir), "kind": "ffn", "num_experts": len(experts),
+                                                    "experts": experts}))
     mixed = write_rows(root / "mixed.jsonl", [{"instruction": ("x" if i % 2 else "y") * 6, "output": ("a" if i % 2 else "b") * 8,
                                                "domain": "a" if i % 2 else "b"} for i in range(20)])
     return pool, mixed
@@ -94,7 +95,7 @@ def test_batched_scoring_equals_scoring_each_expert_alone(specialists):
     m = pool_from_expand(pool)
     from upcycle.config import MoESpec
     model = build_pool_model(m, MoESpec(num_experts=2, top_k=1), "average", seed=0)
-    tok = AutoTokenizer.from_pretrained(m["base"])
+    tok = AutoTokenizer.from_pretrained(m.base)
     convs, _ = load_conversations([mixed])
     samples = [encode(c, tok, 64)[0] for c in convs]
     batched = score_experts(model, samples, 2, batch_size=3, pad_id=tok.pad_token_id)
@@ -103,7 +104,7 @@ def test_batched_scoring_equals_scoring_each_expert_alone(specialists):
         assert torch.allclose(batched[:, e], alone, rtol=1e-5)
     # and "alone" is the dense model with that expert's MLP: compare with the checkpoint itself
     from transformers import AutoModelForCausalLM
-    dense = AutoModelForCausalLM.from_pretrained(m["experts"][0]["path"])
+    dense = AutoModelForCausalLM.from_pretrained(m.experts[0].path)
     with torch.no_grad():  # the non-expert weights are the average of both checkpoints, so set them alike
         averaged = dict(model.named_parameters())
         for name, p in dense.named_parameters():

@@ -88,6 +88,7 @@ def upit_part(workdir: Path) -> None:
     from upcycle.eval.checkpoints import suite_test_items
     from upcycle.eval.routing import plot_routing, routing_shares, specialization, suite_texts
     from upcycle.export.load import load_moe
+    from upcycle.manifest import read_manifest
     from upcycle.pipeline import RunConfig, run
 
     from transformers.utils import logging as hf_logging
@@ -111,9 +112,9 @@ def upit_part(workdir: Path) -> None:
             for r in lineage["rounds"]:
                 print(f"  expansion round {r['round']}: child {r['child']} = DARE({r['alpha']:.2f} * tau_{r['parents'][0]}) "
                       f"+ DARE({1 - r['alpha']:.2f} * tau_{r['parents'][1]})")
-            route = json.loads((upit_dir / "route" / "manifest.json").read_text())
-            print(f"  seed buckets per expert: {[b['size'] for b in route['buckets'].values()]}")
-            before, after = route["share_before"]["top_k"], route["share_after"]["top_k"]
+            route = read_manifest(upit_dir / "route", "route")
+            print(f"  seed buckets per expert: {[b.size for b in route.buckets.values()]}")
+            before, after = route.share_before.top_k, route.share_after.top_k
             print(f"  bucket tokens routed to their owner (mean over layers): {100 * sum(before) / len(before):.0f}% "
                   f"before router init -> {100 * sum(after) / len(after):.0f}% after\n")
     table = results_table(rows)

@@ -5,6 +5,11 @@ at any moment leaves either the old record or the new one, never a half-written 
 listed checkpoint is always a complete one. Under torchrun only rank 0 writes it (upcycle/distributed.py):
 `save` does nothing on the other ranks, which `reload` what rank 0 wrote after waiting for it.
 
+Each stage's manifest has one typed model below (`PrepareManifest`, `ExpandManifest`, ...): every
+write is validated against it before it reaches the disk (a stage that writes a key the model does not
+know fails at once, naming it), and every read validates the file and hands the reader typed fields
+(`read_manifest`), so a hand-edited or foreign manifest is refused with the file and key named.
+
 Paths in a manifest (and in the other records a stage writes beside it: lineage.json, the run's
 results.json) that lie inside the run folder are stored relative to the folder of the file that
 stores them (`stored_path`), so a run folder can be moved whole; every reader resolves them against
@@ -20,7 +25,9 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import atomic_write_text
@@ -52,7 +59,204 @@ def resolve_path(stored: str | Path, folder: str | Path) -> Path:
     return Path(os.path.normpath(Path(folder) / stored)) if not Path(stored).is_absolute() else Path(stored)
 
 
+# ------------------------------------------------------------------------------ what each stage records
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CheckpointEntry(_Record):
+    """One complete checkpoint (train/checkpoints.py lists it once its files are hashed); `path` is
+    relative to the stage's folder; scores are added by per-checkpoint evaluation."""
+
+    index: int
+    step: int
+    epoch: float
+    path: str
+    sha256: str
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    scores: dict[str, float] | None = None
+    average: float | None = None
+
+
+class StageManifest(_Record):
+    stage: str
+    config_hash: str
+    complete: bool = False
+    checkpoints: list[CheckpointEntry] = []
+
+
+class TrainedStageManifest(StageManifest):
+    """A stage that trains through the Trainer: its save plan, written when training starts."""
+
+    planned: int | None = None
+    steps_per_epoch: int | None = None
+    save_steps: list[int] | None = None
+
+
+class PrepareManifest(TrainedStageManifest):
+    stage: Literal["prepare"]
+    mode: Literal["lora", "full"]
+    base: str
+    train_report: dict[str, Any] | None = None     # data/encode.py DataReport: samples, tokens, truncated, ...
+
+
+class PoolExpert(_Record):
+    index: int
+    origin: Literal["checkpoint", "child"]
+    path: str
+    sha256: str
+    checkpoint: int | None = None                   # origin checkpoint: its index and epoch in prepare
+    epoch: float | None = None
+
+
+class ExpansionRound(_Record):
+    round: int
+    child: int
+    parents: list[int] | dict[str, list[int]]     # per-layer parent choice: per layer
+    alpha: float
+    drop_p: float
+    seed: int
+    parent_choice: str
+    metric: str
+    similarity_before: list[list[float]]
+    weights: str
+    storage: str
+    svd_relative_error_max: float | None = None     # LoRA children stored at the parents' rank
+    svd_relative_error_mean: float | None = None
+
+
+class ExpandManifest(StageManifest):
+    stage: Literal["expand"]
+    base: str
+    kind: Literal["lora", "ffn"]
+    num_experts: int
+    experts: list[PoolExpert]
+    lineage: list[ExpansionRound] = []
+    grams: dict[str, Any] | None = None             # per layer, kept so a resumed expansion need not recompute
+    similarity: list[list[float]] | None = None
+
+
+class Bucket(_Record):
+    size: int
+    domains: dict[str, int]
+
+
+class OwnerShare(_Record):
+    top_k: list[float]
+    top_1: list[float]
+    tokens: int
+
+
+class RouteManifest(TrainedStageManifest):
+    stage: Literal["route"]
+    expand: str
+    owners: list[int] | None = None
+    buckets: dict[str, Bucket] | None = None
+    notes: list[str] = []
+    share_before: OwnerShare | None = None
+    share_after: OwnerShare | None = None
+
+
+class ExportSummary(_Record):
+    format: str
+    files: list[str]
+    parameters: dict[str, int]
+
+
+class PostTrainManifest(TrainedStageManifest):
+    stage: Literal["post_train"]
+    source: str
+    export: ExportSummary | None = None
+    expert_load_entropy: dict[str, Any] | None = None
+    scores: dict[str, float] | None = None
+    average: float | None = None
+
+
+class BranchDomain(_Record):
+    domain: str
+    rows: int
+    data: str
+    data_sha256: str
+    sources: list[str]
+    expert: str
+    mode: str
+    epochs: float
+    data_source: str
+    seeds: list[str] | None = None                  # self-generated data: the real rows behind it
+
+
+class BranchManifest(StageManifest):
+    stage: Literal["branch"]
+    base: str
+    kind: Literal["lora", "ffn"] | None = None
+    domains: list[BranchDomain] = []
+    generated: dict[str, dict[str, Any]] = {}       # per domain: file, hash, asked/kept/dropped, seeds, generator
+    generated_union: dict[str, Any] | None = None
+
+
+class MixExpert(_Record):
+    path: str
+    origin: str
+
+
+class MixManifest(StageManifest):
+    stage: Literal["mix"]
+    base: str
+    kind: Literal["lora", "ffn"]
+    experts: list[MixExpert]
+    format: str | None = None
+    files: list[str] | None = None
+    parameters: dict[str, int] | None = None
+    checks: list[dict[str, Any]] | None = None      # per expert: kind, drift (ffn) or base_model and rank (lora)
+    routing: dict[str, Any] | None = None
+
+
+MANIFEST_MODELS: dict[str, type[StageManifest]] = {
+    "prepare": PrepareManifest, "expand": ExpandManifest, "route": RouteManifest, "post_train": PostTrainManifest,
+    "branch": BranchManifest, "mix": MixManifest}
+
+
+def validate_manifest(data: dict, stage: str, source: str | Path) -> StageManifest:
+    """`data` as the stage's typed model; an error names the file and each bad key."""
+    from upcycle.config import format_validation_error
+
+    try:
+        return MANIFEST_MODELS[stage].model_validate(data)
+    except ValidationError as e:
+        raise UpcycleError(*format_validation_error(e, str(source)),
+                           f"{source}: not a {stage} manifest this version of upcycle writes; rerun the stage with --force "
+                           "(or the recipe with --redo)") from None
+
+
+def read_manifest(folder: str | Path, stage: str | tuple[str, ...], complete: bool = True):
+    """The typed manifest of the `stage` stage in `folder` (for a stage that reads another's output;
+    a tuple accepts any of those stages); with `complete`, an unfinished stage is refused."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    stages = (stage,) if isinstance(stage, str) else tuple(stage)
+    wanted = " or ".join(stages)
+    if not path.is_file():
+        raise UpcycleError(f"{wanted} {folder}: no {MANIFEST}; run `upcycle {stages[0].replace('_', '-')}` first")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UpcycleError(f"{path}: not valid JSON ({e}); rerun the {wanted} stage with --force") from None
+    found = data.get("stage") if isinstance(data, dict) else None
+    if found not in stages:
+        raise UpcycleError(f"{wanted} {folder}: {MANIFEST} belongs to a {found} stage, not {wanted}; check the path")
+    record = validate_manifest(data, found, path)
+    if complete and not record.complete:
+        raise UpcycleError(f"{found} {folder}: the {found} stage has not finished; rerun it to complete")
+    return record
+
+
 class Manifest:
+    """The record a stage is writing: a dict (`data`) that is validated against the stage's typed
+    model on every `save` and when an existing folder is reopened."""
+
     def __init__(self, folder: Path, data: dict[str, Any]):
         self.folder = Path(folder)
         self.data = data
@@ -69,6 +273,7 @@ class Manifest:
         if path.is_file():
             data = json.loads(path.read_text())
             if data.get("stage") == stage and data.get("config_hash") == config_hash:
+                validate_manifest(data, stage, path)
                 return cls(folder, data)
             if not force:
                 raise UpcycleError(
@@ -87,6 +292,7 @@ class Manifest:
     def save(self) -> None:
         from upcycle.distributed import is_main
 
+        validate_manifest(self.data, self.data["stage"], self.folder / MANIFEST)  # a bug: a key the model lacks
         if is_main():
             atomic_write_text(self.folder / MANIFEST, json.dumps(self.data, indent=2, default=str))
 

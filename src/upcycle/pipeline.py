@@ -35,7 +35,7 @@ from upcycle.config import (AT, BranchConfig, DataSpec, ExpandConfig, MixConfig,
                             RouteConfig, _Section, base_problems, config_hash, dump_config, refuse)
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import atomic_write_text
-from upcycle.manifest import MANIFEST, stored_path
+from upcycle.manifest import MANIFEST, read_manifest, stored_path
 
 StageName = Literal["prepare", "branch", "expand", "route", "mix", "post_train"]
 ORDER: tuple[str, ...] = ("prepare", "branch", "expand", "route", "mix", "post_train")
@@ -291,12 +291,11 @@ def _stage_digest(folder: Path) -> str | None:
 def results_of(cfgs: dict, out: Path) -> dict:
     """The recipe's result: the post-trained model's suite scores, or the last stage-1 checkpoint's."""
     if "post_train" in cfgs:
-        m = json.loads((out / "post_train" / MANIFEST).read_text())
-        return {"scores": m.get("scores"), "average": m.get("average"), "model": str(out / "post_train" / "model"),
-                "expert_load_entropy": m.get("expert_load_entropy")}
-    m = json.loads((out / "prepare" / MANIFEST).read_text())
-    last = m["checkpoints"][-1]
-    return {"scores": last.get("scores"), "average": last.get("average"), "model": str(out / "prepare" / last["path"])}
+        m = read_manifest(out / "post_train", "post_train")
+        return {"scores": m.scores, "average": m.average, "model": str(out / "post_train" / "model"),
+                "expert_load_entropy": m.expert_load_entropy}
+    last = read_manifest(out / "prepare", "prepare").checkpoints[-1]
+    return {"scores": last.scores, "average": last.average, "model": str(out / "prepare" / last.path)}
 
 
 def _inputs_of(cfg: RunConfig) -> list[Path]:
@@ -408,11 +407,11 @@ def _describe_mixed(cfg: RunConfig, out: Path) -> None:
 
     model = out / "post_train" / "model"
     card = json.loads((model / "upcycle_provenance.json").read_text())["card"]
-    branch = json.loads((out / "branch" / MANIFEST).read_text())
+    branch = read_manifest(out / "branch", "branch")
     kind = "a LoRA adapter" if cfg.branch.mode == "lora" else "a full fine-tune"
-    rows = ", ".join(f"{d['domain']}: {d['rows']} rows" for d in branch["domains"])
+    rows = ", ".join(f"{d.domain}: {d.rows} rows" for d in branch.domains)
     if cfg.branch.data_source == "self_generated":
-        seeds = ", ".join(f"{d['domain']}: {len(d.get('seeds', []))}" for d in branch["domains"])
+        seeds = ", ".join(f"{d.domain}: {len(d.seeds or [])}" for d in branch.domains)
         data = (f"each on instruction/response pairs the base model wrote for its domain ({rows}) from a few of its "
                 f"real rows as seeds ({seeds}); the router trained on their union")
     else:

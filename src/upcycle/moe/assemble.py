@@ -21,7 +21,6 @@ host memory, and no rank ever holds an fp32 copy it did not ask for.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -33,7 +32,7 @@ from upcycle.config import MoESpec
 from upcycle.errors import UpcycleError
 from upcycle.experts import LoRAExpert, open_expert
 from upcycle.io.safetensors_io import SafetensorsReader, release_memory
-from upcycle.manifest import MANIFEST, resolve_path
+from upcycle.manifest import ExpandManifest, MixManifest, read_manifest, resolve_path
 from upcycle.moe.block import MoEBlock
 from upcycle.moe.init import init_router
 from upcycle.moe.model import attach_moe, decoder_layers
@@ -213,25 +212,20 @@ def router_state_dict(model) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------ the expand stage's pool
 
 
-def pool_from_expand(expand_dir: Path) -> dict:
-    """The finished expand stage's manifest (base, kind, experts): the pool `build_pool_model` assembles,
-    its paths resolved against the folder (a manifest stores them relative to it: upcycle/manifest.py)."""
-    path = Path(expand_dir) / MANIFEST
-    if not path.is_file():
-        raise UpcycleError(f"expand {expand_dir}: no {MANIFEST}; run `upcycle expand` first")
-    m = json.loads(path.read_text())
-    if not m.get("complete"):
-        raise UpcycleError(f"expand {expand_dir}: the expand stage has not finished; rerun it to complete")
-    return {**m, "base": str(resolve_path(m["base"], expand_dir)),
-            "experts": [{**e, **({"path": str(resolve_path(e["path"], expand_dir))} if "path" in e else {})}
-                        for e in m["experts"]]}
+def pool_from_expand(expand_dir: Path) -> ExpandManifest | MixManifest:
+    """The finished expand (or mix) stage's manifest (base, kind, experts): the pool `build_pool_model`
+    assembles, its paths resolved against the folder (a manifest stores them relative to it:
+    upcycle/manifest.py)."""
+    m = read_manifest(expand_dir, ("expand", "mix"))
+    experts = [e.model_copy(update={"path": str(resolve_path(e.path, expand_dir))}) for e in m.experts]
+    return m.model_copy(update={"base": str(resolve_path(m.base, expand_dir)), "experts": experts})
 
 
-def build_pool_model(pool: dict, spec, shared_weights: str, seed: int, routers: Path | None = None,
+def build_pool_model(pool: ExpandManifest | MixManifest, spec, shared_weights: str, seed: int, routers: Path | None = None,
                      dtype: torch.dtype = torch.float32):
     """`assemble_moe` on an expand pool: one expert per pool entry, the weights outside the experts
     from its stage-1 checkpoints (`shared_weights`), routers from `routers` or drawn with `seed`."""
-    paths = [Path(e["path"]) for e in pool["experts"]]
-    shared = [Path(e["path"]) for e in pool["experts"] if e["origin"] == "checkpoint"]
-    spec = spec.model_copy(update={"num_experts": len(paths), "expert_type": "lora" if pool["kind"] == "lora" else "mlp"})
-    return assemble_moe(Path(pool["base"]), paths, spec, shared, shared_weights, routers=routers, seed=seed, dtype=dtype)
+    paths = [Path(e.path) for e in pool.experts]
+    shared = [Path(e.path) for e in pool.experts if e.origin == "checkpoint"]
+    spec = spec.model_copy(update={"num_experts": len(paths), "expert_type": "lora" if pool.kind == "lora" else "mlp"})
+    return assemble_moe(Path(pool.base), paths, spec, shared, shared_weights, routers=routers, seed=seed, dtype=dtype)

@@ -29,7 +29,7 @@ from upcycle.config import BranchConfig, PrepareConfig, config_hash, dump_config
 from upcycle.data import self_generate as sg
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import atomic_write_text
-from upcycle.manifest import MANIFEST, Manifest, resolve_path, sha256_files, stored_path
+from upcycle.manifest import Manifest, read_manifest, resolve_path, sha256_files, stored_path
 
 DATA = "data"
 EXPERTS = "experts"
@@ -119,12 +119,12 @@ def run(cfg: BranchConfig, progress: bool = True) -> dict:
         stage = PrepareConfig(base=str(base), out=out / EXPERTS / domain, seed=cfg.seed, mode=cfg.mode, lora=cfg.lora,
                               data=data, train=cfg.train, save_every=cfg.train.epochs, evaluate=False, force=cfg.force)
         prepare.run(stage, progress=progress, anchor=out.parent)  # the branch's anchor: its data lies beside the expert
-        record = json.loads((out / EXPERTS / domain / MANIFEST).read_text())
+        record = read_manifest(out / EXPERTS / domain, "prepare")
         data_name = stored_path(data_file, out)
         sources = [f"{data_name}:{i}" for i in range(1, rows + 1)] if generated else [c.source for c in convs]
         entry = {"domain": domain, "rows": rows, "data": data_name, "data_sha256": sha256_files([data_file]),
                  "sources": sources[:3] + (["..."] if rows > 3 else []),
-                 "expert": stored_path(out / EXPERTS / domain / record["checkpoints"][-1]["path"], out),
+                 "expert": stored_path(out / EXPERTS / domain / record.checkpoints[-1].path, out),
                  "mode": cfg.mode, "epochs": cfg.train.epochs, "data_source": cfg.data_source}
         if generated:  # the only real rows behind this expert
             entry["seeds"] = generated[domain]["seeds"]

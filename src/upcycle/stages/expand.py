@@ -31,7 +31,7 @@ from upcycle.experts import Key, ffn_name, lora_factors_from_delta, open_expert
 from upcycle.io.atomic import atomic_dir
 from upcycle.io.model_folder import ModelFolder
 from upcycle.io.safetensors_io import PlannedTensor, ShardedWriter, release_memory
-from upcycle.manifest import MANIFEST, Manifest, resolve_path, sha256_files, stored_path
+from upcycle.manifest import Manifest, read_manifest, resolve_path, sha256_files, stored_path
 from upcycle.merge import ops
 from upcycle.seeding import generator
 
@@ -197,27 +197,22 @@ def _expand(cfg: ExpandConfig, progress: bool) -> dict:
     started = time.perf_counter()
     if cfg.prepare is None or cfg.out is None:
         raise UpcycleError("expand: prepare= and out= are required")
-    prep_path = Path(cfg.prepare) / MANIFEST
-    if not prep_path.is_file():
-        raise UpcycleError(f"prepare {cfg.prepare}: no {MANIFEST}; run `upcycle prepare` first")
-    prep = json.loads(prep_path.read_text())
-    if not prep.get("complete"):
-        raise UpcycleError(f"prepare {cfg.prepare}: the prepare stage has not finished; rerun it to complete")
-    selected = select_checkpoints(prep["checkpoints"], cfg)
+    prep = read_manifest(cfg.prepare, "prepare")
+    selected = select_checkpoints(prep.checkpoints, cfg)
     problems = cfg.pool_problems(len(selected), at="")  # the same check `upcycle run` makes from the counts alone
     if problems:
         raise UpcycleError(*problems)
-    base_path = resolve_path(prep["base"], cfg.prepare)
+    base_path = resolve_path(prep.base, cfg.prepare)
     base_folder = ModelFolder(base_path)
     base_reader = base_folder.reader()
-    experts = [open_expert(Path(cfg.prepare) / c["path"]) for c in selected]
+    experts = [open_expert(Path(cfg.prepare) / c.path) for c in selected]
     keys = check_pool(experts, base_reader)
 
     out = Path(cfg.out)
     manifest = Manifest.open(out, "expand", config_hash(cfg), force=cfg.force, initial={
         "base": stored_path(base_path, out), "kind": experts[0].kind, "num_experts": cfg.num_experts,
-        "experts": [{"index": i, "origin": "checkpoint", "checkpoint": c["index"], "epoch": c["epoch"],
-                     "path": stored_path(Path(cfg.prepare) / c["path"], out), "sha256": c["sha256"]}
+        "experts": [{"index": i, "origin": "checkpoint", "checkpoint": c.index, "epoch": c.epoch,
+                     "path": stored_path(Path(cfg.prepare) / c.path, out), "sha256": c.sha256}
                     for i, c in enumerate(selected)],
         "lineage": []})
     if not (out / "upcycle_config.yaml").exists():

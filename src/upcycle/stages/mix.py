@@ -34,7 +34,7 @@ from upcycle.config import MixConfig, MoESpec, config_hash, dump_config
 from upcycle.errors import UpcycleError
 from upcycle.experts import FFN_RE, LoRAExpert, open_expert
 from upcycle.io.model_folder import ModelFolder
-from upcycle.manifest import MANIFEST, Manifest, resolve_path, stored_path
+from upcycle.manifest import Manifest, read_manifest, resolve_path, stored_path
 from upcycle.moe.experts import PROJS
 from upcycle.seeding import generator
 
@@ -54,11 +54,7 @@ def expert_paths(cfg: MixConfig) -> list[str]:
     """The expert folders: given directly, or the branch stage's per-domain experts in domain order."""
     if cfg.branch is None:
         return list(cfg.experts)
-    path = Path(cfg.branch) / MANIFEST
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    if not record.get("complete"):
-        raise UpcycleError(f"branch {cfg.branch}: the branch stage has not finished; run it first")
-    return [str(resolve_path(d["expert"], cfg.branch)) for d in record["domains"]]
+    return [str(resolve_path(d.expert, cfg.branch)) for d in read_manifest(cfg.branch, "branch").domains]
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 
 from upcycle.config import PostTrainConfig, config_hash, dump_config
 from upcycle.errors import UpcycleError
-from upcycle.manifest import MANIFEST, Manifest, resolve_path
+from upcycle.manifest import Manifest, read_manifest, resolve_path
 
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
@@ -36,12 +36,13 @@ def dense_source(spec: str) -> tuple[Path, Path]:
         folder = resolve_model(spec)
         return folder, folder
     folder = Path(spec.removeprefix("prepare:"))
-    manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else None
-    if not manifest or not manifest.get("complete"):
-        raise UpcycleError(f"dense {spec}: not a finished prepare run")
-    last = folder / manifest["checkpoints"][-1]["path"]
-    base = resolve_path(manifest["base"], folder)
-    if manifest["mode"] == "full":
+    try:
+        manifest = read_manifest(folder, "prepare")
+    except UpcycleError as e:
+        raise UpcycleError(f"dense {spec}: not a finished prepare run", *e.problems) from None
+    last = folder / manifest.checkpoints[-1].path
+    base = resolve_path(manifest.base, folder)
+    if manifest.mode == "full":
         return last, base
     merged = folder / "final_merged"
     if not (merged / "config.json").is_file():  # merge the final adapter into the base once
@@ -71,16 +72,14 @@ def build_model(cfg: PostTrainConfig):
         pool = pool_from_expand(cfg.expand)
         routers = None
         if cfg.route is not None:
-            route_manifest = Path(cfg.route) / MANIFEST
-            if not route_manifest.is_file() or not json.loads(route_manifest.read_text()).get("complete"):
-                raise UpcycleError(f"route {cfg.route}: the route stage has not finished")
+            read_manifest(cfg.route, ("route", "mix"))  # refuses an unfinished stage (mix also writes routers)
             if (Path(cfg.route) / "moe" / "upcycle_moe.json").is_file():  # routers and experts were trained
                 from upcycle.export.load import load_moe
                 model = load_moe(Path(cfg.route) / "moe")
                 cast_parameters(model, dtype)
-                return model, Path(pool["base"])
+                return model, Path(pool.base)
             routers = Path(cfg.route) / "routers.safetensors"
-        return build_pool_model(pool, cfg.moe, cfg.shared_weights, cfg.seed, routers=routers, dtype=dtype), Path(pool["base"])
+        return build_pool_model(pool, cfg.moe, cfg.shared_weights, cfg.seed, routers=routers, dtype=dtype), Path(pool.base)
     if cfg.dense is None:
         raise UpcycleError("post_train: source upcycle needs dense= (a model folder or prepare:FOLDER)")
     from transformers import AutoModelForCausalLM
@@ -101,18 +100,18 @@ def card_info(cfg: PostTrainConfig, trainable: str) -> dict:
         from upcycle.moe.assemble import pool_from_expand
 
         pool = pool_from_expand(cfg.expand)
-        kind = "LoRA" if pool["kind"] == "lora" else "full"
-        checkpoints = sum(e["origin"] == "checkpoint" for e in pool["experts"])
-        return {**info, "base": pool["base"], "method": "upit", "stages": [
+        kind = "LoRA" if pool.kind == "lora" else "full"
+        checkpoints = sum(e.origin == "checkpoint" for e in pool.experts)
+        return {**info, "base": pool.base, "method": "upit", "stages": [
             f"prepare: {kind} instruction tuning of the dense base; its checkpoints become experts",
-            f"expand: {len(pool['experts'])} experts: {checkpoints} checkpoints + "
-            f"{len(pool['experts']) - checkpoints} DARE-merged children",
+            f"expand: {len(pool.experts)} experts: {checkpoints} checkpoints + "
+            f"{len(pool.experts) - checkpoints} DARE-merged children",
             "route: routers initialized from perplexity buckets of seed data" if cfg.route is not None
             else "route: skipped (random routers)", train]}
     stages = [f"upcycle: {cfg.moe.num_experts} experts from the dense MLP, init {cfg.init.method}", train]
     if cfg.dense.startswith("prepare:"):
         folder = Path(cfg.dense.removeprefix("prepare:"))
-        base = str(resolve_path(json.loads((folder / MANIFEST).read_text())["base"], folder))
+        base = str(resolve_path(read_manifest(folder, "prepare").base, folder))
         stages.insert(0, "prepare: dense instruction tuning; its final checkpoint is upcycled")
     else:
         base = str(dense_source(cfg.dense)[0])

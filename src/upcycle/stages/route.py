@@ -57,9 +57,9 @@ def run(cfg: RouteConfig, progress: bool = True) -> dict:
 
     def inputs():  # every rank loads them, after rank 0 has checked them (an error is shown once)
         pool = pool_from_expand(cfg.expand)
-        if cfg.moe.top_k > len(pool["experts"]):
-            raise UpcycleError(f"moe.top_k: {cfg.moe.top_k} is larger than the pool's {len(pool['experts'])} experts")
-        tokenizer = AutoTokenizer.from_pretrained(pool["base"])
+        if cfg.moe.top_k > len(pool.experts):
+            raise UpcycleError(f"moe.top_k: {cfg.moe.top_k} is larger than the pool's {len(pool.experts)} experts")
+        tokenizer = AutoTokenizer.from_pretrained(pool.base)
         data_spec = cfg.data.model_copy(update={"eval_fraction": 0.0, "packing": False})
         data = build_datasets(data_spec, tokenizer, cfg.seed)
         return pool, tokenizer, data, seed_indices(len(data.train), cfg)
@@ -82,7 +82,7 @@ def run(cfg: RouteConfig, progress: bool = True) -> dict:
     dtype = compute_dtype(cfg.train)
     model = dist.rank_zero_first(lambda: build_pool_model(pool, spec, cfg.shared_weights, cfg.seed, dtype=dtype)
                                  .to(accelerator()))
-    n = len(pool["experts"])
+    n = len(pool.experts)
 
     # 1. perplexity of every seed sample under every expert (sharded by batch), then buckets (rank 0)
     if "owners" not in manifest.data:
