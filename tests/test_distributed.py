@@ -191,7 +191,7 @@ dist.map_sharded(work, range(5))   # item 3 is rank 1's
 
 def test_an_error_on_one_rank_stops_all_ranks_and_is_shown_once(tmp_path):
     script = tmp_path / "failing.py"
-    script.write_text(f"import sys\nfrom upcycle.errors import UpcycleError\ntry:\n"
+    script.write_text("import sys\nfrom upcycle.errors import UpcycleError\ntry:\n"
                       + "".join(f"    {line}\n" for line in FAILING.strip().splitlines())
                       + "except UpcycleError as e:\n    [print('upcycle: error:', p, file=sys.stderr) for p in e.problems]\n"
                         "    sys.exit(2)\n")

@@ -114,8 +114,6 @@ def selfgen_run(llama_dir, tiny_data, tmp_path_factory):
 
 def _training_split(tiny_data):
     """The rows the branch stage trains from: the project's loader with the recipe's split (eval_fraction 0.1)."""
-    from transformers import AutoTokenizer
-
     from upcycle.config import DataSpec
     from upcycle.data.build import build_datasets
     from upcycle.tiny import char_tokenizer
