@@ -230,18 +230,26 @@ def test_root_starts_bwrap_as_nobody():
     assert iso.user == (sandbox.NOBODY if os.geteuid() == 0 else None)
 
 
-def test_reachable_by_others_follows_every_folder_above(tmp_path):
-    exe = tmp_path / "open" / "bin" / "tool"
-    exe.parent.mkdir(parents=True)
-    exe.write_text("#!/bin/sh\n")
-    os.chmod(exe, 0o755)
-    reachable = all(os.stat(p).st_mode & 0o001 for p in exe.parents)  # the answer, computed from outside
-    assert sandbox.reachable_by_others(str(exe)) == reachable
-    os.chmod(exe.parent, 0o700)
-    assert sandbox.reachable_by_others(str(exe)) is False
-    os.chmod(exe.parent, 0o755)
-    os.chmod(exe, 0o700)
-    assert sandbox.reachable_by_others(str(exe)) is False
+def test_reachable_by_others_follows_every_folder_above():
+    base = Path(tempfile.mkdtemp(prefix="upcycle-reach-"))  # in the system temp folder, which others can cross
+    try:
+        exe = base / "bin" / "tool"
+        exe.parent.mkdir()
+        exe.write_text("#!/bin/sh\n")
+        for path, mode in ((base, 0o755), (exe.parent, 0o755), (exe, 0o755)):
+            os.chmod(path, mode)
+        if not all(os.stat(p).st_mode & 0o001 for p in exe.parents):
+            pytest.skip(f"the temporary folder {base.parent} is not crossable by others here")
+        assert sandbox.reachable_by_others(str(exe)) is True
+        os.chmod(exe.parent, 0o700)  # a private folder above it
+        assert sandbox.reachable_by_others(str(exe)) is False
+        os.chmod(exe.parent, 0o755)
+        os.chmod(exe, 0o700)  # the file itself not executable by others
+        assert sandbox.reachable_by_others(str(exe)) is False
+        os.chmod(exe, 0o755)
+        assert sandbox.reachable_by_others(str(exe)) is True
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root starts bwrap as nobody")
