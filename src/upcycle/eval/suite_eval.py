@@ -7,6 +7,7 @@ assistant's answer (lm-eval's `acc`). Scores are fractions in [0, 1].
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 
 import torch
@@ -47,20 +48,46 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return outs
 
 
+def cache_argument(model) -> str:
+    """The forward argument (and output field) that carries the key/value cache: transformers 5 renamed
+    `past_key_values` to `cache` in later releases; the old name still works there, with a warning."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def option_logliks(model, tokenizer, prompt: str, options: list[str]) -> list[float]:
-    """Sum of log-probabilities of each option's tokens after the prompt."""
+    """Sum of log-probabilities of each option's tokens after the prompt (lm-eval's `acc` sums).
+
+    The prompt is run once and its key/value cache shared by all options, which then run as one
+    right-padded batch: about a quarter of the work of one full forward per option on the smol mix
+    (55-token prompts, 2-5-token options), and the same sums up to float rounding (tested against
+    full forwards). Only the positions that score an option token get logits.
+    """
     prefix = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    seqs = [prefix + tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
-    width = max(map(len, seqs))
+    conts = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+    if not prefix or not all(conts):
+        raise ValueError(f"multiple choice needs a non-empty prompt and options; got prompt {prompt!r}, "
+                         f"options {options!r}")
+    ids = to_model_device(torch.tensor([prefix]), model)
+    first = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    first_logp = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
+    width = max(map(len, conts))
+    scores = [first_logp[c[0]].item() for c in conts]
+    if width == 1:
+        return scores
+    name = cache_argument(model)
+    cache = getattr(first, name)
+    cache.batch_repeat_interleave(len(conts))
     pad = tokenizer.pad_token_id or 0
-    ids, mask = to_model_device((torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
-                                 torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])), model)
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-    scores = []
-    for row, s in enumerate(seqs):
-        positions = range(len(prefix), len(s))
-        scores.append(sum(logp[row, t - 1, s[t]].item() for t in positions))
+    cont_ids = torch.tensor([c + [pad] * (width - len(c)) for c in conts])
+    mask = torch.tensor([[1] * (len(prefix) + len(c)) + [0] * (width - len(c)) for c in conts])
+    cont_ids, mask = to_model_device((cont_ids, mask), model)
+    logits = model(input_ids=cont_ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
+                   **{name: cache}).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)   # position j scores option token j + 1
+    for row, c in enumerate(conts):
+        scores[row] += sum(logp[row, j, c[j + 1]].item() for j in range(len(c) - 1))
     return scores
 
 
