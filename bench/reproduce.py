@@ -9,10 +9,11 @@ several seeds, on the built-in suite base (`--model suite`) or on SmolLM2-135M-I
 
 Every run is `upcycle run recipes/<recipe>.yaml` with the seed, the suite size and the output folder
 overridden; finished runs are skipped on a rerun (the pipeline's manifests), so an interrupted
-reproduction continues. With --model smollm2 the UpIT ablations that train the same stage 1 as
-upit_lora (same prepare config hash) start from upit_lora's finished `prepare` folder, hard-linked
+reproduction continues. With --model smollm2 the UpIT ablations take over upit_lora's finished
+leading stages (prepare, then expand, then route) as long as their configs hash equal: hard-linked
 and recorded as done in their run.json, which the pipeline accepts only if the config hash and the
-manifest's digest match. Writes results.md (mean +- std per domain, the paper's layout),
+manifest's digest match. Once a run is scored its Trainer checkpoints and post-trained weights are
+deleted (--keep-models keeps them). Writes results.md (mean +- std per domain, the paper's layout),
 results.json and the plots under --out (smollm2: Figure 2 under --figures too).
 """
 
@@ -53,7 +54,7 @@ class Profile:
     overrides: list[str] = field(default_factory=list)   # for every recipe
     per_recipe: dict[str, list[str]] = field(default_factory=dict)
     untuned: bool = False                       # also score the base model itself
-    share_stage1: bool = False                  # ablations start from upit_lora's finished prepare
+    share_stages: bool = False                  # ablations start from upit_lora's finished stages
 
 
 # SmolLM2 at 2-core CPU size (README "Results on SmolLM2" gives the time arithmetic): 40 training rows per
@@ -73,7 +74,7 @@ PROFILES = {
                    "route.seed_count=24", "route.train.epochs=2"],
         per_recipe={"dense_lora": ["prepare.save_every=4.0"],       # only the final model is scored
                     "loramoe_sft": ["post_train.save_every=4.0"]},
-        untuned=True, share_stage1=True),
+        untuned=True, share_stages=True),
 }
 PAPER = {  # averages over the paper's benchmarks (SPEC section 1), for the comparison paragraph
     "dense_lora": 47.53, "loramoe_sft": 49.99, "upit_lora": 52.21, "dense_sft": 31.31, "upcycle_sft": 37.60,
@@ -107,26 +108,59 @@ def run_one(recipe: str, seed: int, out: Path, overrides: list[str]) -> dict | N
     return result
 
 
-def share_stage1(source: Path, cfg) -> bool:
-    """Start `cfg`'s run from the finished prepare folder of the run in `source` when both prepare
-    configs hash equal: hard-link the folder and record the stage done in run.json, exactly as the
-    pipeline records it, so its own check (status, config hash, manifest digest) skips it."""
+SHAREABLE = ("prepare", "expand", "route")  # stages an ablation may take over from upit_lora's run of its seed
+
+
+def share_stages(source: Path, cfg) -> list[str]:
+    """Start `cfg`'s run from the finished leading stages of the run in `source` whose configs hash
+    equal (prepare, then expand, then route; the first that differs and every later one run anew):
+    hard-link each folder and record the stage done in run.json exactly as the pipeline records it,
+    so its own check (status, config hash anchored at each run folder, manifest digest) skips them."""
     from upcycle.config import config_hash
     from upcycle.pipeline import RUN_MANIFEST, _stage_digest, stage_configs
 
     out = Path(cfg.out)
-    if "prepare" not in cfg.stages or (out / RUN_MANIFEST).exists() or not (source / RUN_MANIFEST).is_file():
-        return False
-    done = json.loads((source / RUN_MANIFEST).read_text())["stages"].get("prepare") or {}
-    digest = _stage_digest(source / "prepare")
-    if done.get("status") != "done" or done.get("config_hash") != config_hash(stage_configs(cfg)["prepare"]) \
-            or done.get("manifest_sha256") != digest:
-        return False
+    if (out / RUN_MANIFEST).exists() or not (source / RUN_MANIFEST).is_file():
+        return []
+    theirs = json.loads((source / RUN_MANIFEST).read_text())["stages"]
+    shared = []
+    for stage, stage_cfg in stage_configs(cfg).items():
+        done = theirs.get(stage) or {}
+        if stage not in SHAREABLE or done.get("status") != "done" \
+                or done.get("config_hash") != config_hash(stage_cfg, anchor=out) \
+                or done.get("manifest_sha256") != _stage_digest(source / stage):
+            break
+        shared.append(stage)
+    if not shared:
+        return []
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(source / "prepare", out / "prepare", copy_function=os.link)
-    record = {"recipe": cfg.recipe, "stages": {"prepare": {**done, "shared_from": str(source / "prepare")}}}
+    for stage in shared:
+        shutil.copytree(source / stage, out / stage, copy_function=os.link)
+    record = {"recipe": cfg.recipe, "stages": {stage: {**theirs[stage], "shared_from": str(source / stage)}
+                                               for stage in shared}}
     (out / RUN_MANIFEST).write_text(json.dumps(record, indent=2))
-    return True
+    return shared
+
+
+def prune_weights(run_folder: Path, keep_model: bool) -> int:
+    """Free the disk a scored run no longer needs (the full SmolLM2 table kept ~2.5 GB per run and
+    filled a 250 GB disk): the Trainer checkpoints of post_train (only for resuming it), the mixed
+    model that post_train started from, and, unless `keep_model`, the post-trained weights (their
+    scores, manifests and model card stay). Stage-1 checkpoints and expert pools stay: ablations start
+    from them. Returns the bytes freed."""
+    doomed = [run_folder / "post_train" / "checkpoints", *sorted((run_folder / "mix").glob("*/*.safetensors"))]
+    if not keep_model:
+        doomed += sorted((run_folder / "post_train" / "model").glob("*.safetensors"))
+        doomed += sorted((run_folder / "post_train" / "model").glob("*.safetensors.index.json"))
+    freed = 0
+    for path in doomed:
+        if path.is_dir():
+            freed += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            shutil.rmtree(path)
+        elif path.is_file():
+            freed += path.stat().st_size
+            path.unlink()
+    return freed
 
 
 def run_untuned(seed: int, out: Path, overrides: list[str]) -> dict | None:
@@ -298,6 +332,8 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="*", default=None)
     ap.add_argument("--no-untuned", action="store_true", help="skip scoring the untuned base")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for every recipe")
+    ap.add_argument("--keep-models", action="store_true",
+                    help="keep every run's post-trained weights and Trainer checkpoints (default: freed once scored)")
     ap.add_argument("--report-only", action="store_true",
                     help="write results.md from the runs already finished under --out; start no run")
     args = ap.parse_args()
@@ -320,10 +356,15 @@ def main() -> None:
     for recipe in args.recipes:
         for seed in args.seeds:
             overrides = size + prof.per_recipe.get(recipe, [])
-            if prof.share_stage1 and recipe != "upit_lora" and not REPORT_ONLY and share_stage1(
-                    out / "upit_lora" / f"seed{seed}", recipe_config(recipe, seed, out / recipe / f"seed{seed}", overrides)):
-                print(f"  {recipe:26s} seed {seed}: stage 1 shared with upit_lora", flush=True)
-            result = run_one(recipe, seed, out / recipe / f"seed{seed}", overrides)
+            folder = out / recipe / f"seed{seed}"
+            if prof.share_stages and recipe != "upit_lora" and not REPORT_ONLY:
+                shared = share_stages(out / "upit_lora" / f"seed{seed}", recipe_config(recipe, seed, folder, overrides))
+                if shared:
+                    print(f"  {recipe:26s} seed {seed}: {', '.join(shared)} shared with upit_lora", flush=True)
+            result = run_one(recipe, seed, folder, overrides)
+            if result is not None and not REPORT_ONLY and not args.keep_models:
+                # upit_lora's first seed keeps its model: the routing heatmap is drawn from it
+                prune_weights(folder, keep_model=(recipe, seed) == ("upit_lora", args.seeds[0]))
             if result is not None:
                 result.setdefault("seed", seed)
                 results.setdefault(recipe, []).append(result)

@@ -132,9 +132,10 @@ def _reproduce():
     return module
 
 
-def test_ablation_starts_from_upit_stage1_only_when_the_pipeline_would_accept_it(tmp_path):
-    """bench/reproduce.py hard-links upit_lora's finished prepare folder into an ablation's run; the
-    pipeline's own plan must then skip prepare, and a changed stage-1 config must not be shared."""
+def test_ablations_take_over_upit_stages_only_when_the_pipeline_would_accept_them(tmp_path):
+    """bench/reproduce.py hard-links upit_lora's finished leading stages into an ablation's run while
+    their configs hash equal; the pipeline's own plan must then skip exactly those, and a stage whose
+    config differs (and every one after it) must run anew."""
     import contextlib
     import json
 
@@ -146,20 +147,53 @@ def test_ablation_starts_from_upit_stage1_only_when_the_pipeline_would_accept_it
     size = [*prof.overrides, "data.suite.train_per_domain=40", "evaluate=false"]
     source = tmp_path / "upit_lora"
     upit = rep.recipe_config("upit_lora", 0, source, size)
-    (source / "prepare").mkdir(parents=True)
-    (source / "prepare" / "manifest.json").write_text(json.dumps({"stage": "prepare", "complete": True}))
-    (source / RUN_MANIFEST).write_text(json.dumps({"recipe": "upit_lora", "stages": {"prepare": {
-        "status": "done", "config_hash": config_hash(stage_configs(upit)["prepare"]),
-        "manifest_sha256": _stage_digest(source / "prepare")}}}))
+    stages = {}
+    for stage in ("prepare", "expand", "route"):
+        (source / stage).mkdir(parents=True)
+        (source / stage / "manifest.json").write_text(json.dumps({"stage": stage, "complete": True}))
+        stages[stage] = {"status": "done", "config_hash": config_hash(stage_configs(upit)[stage], anchor=source),
+                         "manifest_sha256": _stage_digest(source / stage)}
+    (source / RUN_MANIFEST).write_text(json.dumps({"recipe": "upit_lora", "stages": stages}))
+
+    def plan(cfg):
+        with contextlib.ExitStack() as lock:
+            return _plan(cfg, stage_configs(cfg), [], lock)[1]
 
     other = rep.recipe_config("ablation_random_buckets", 0, tmp_path / "other", size + ["prepare.train.lr=5e-4"])
-    assert not rep.share_stage1(source, other) and not (tmp_path / "other").exists()
+    assert rep.share_stages(source, other) == [] and not (tmp_path / "other").exists()
 
-    ablation = rep.recipe_config("ablation_random_buckets", 0, tmp_path / "ablation", size)
-    assert rep.share_stage1(source, ablation)
-    assert (tmp_path / "ablation" / "prepare" / "manifest.json").stat().st_ino == \
-        (source / "prepare" / "manifest.json").stat().st_ino  # hard-linked, not copied
-    with contextlib.ExitStack() as lock:
-        _, todo = _plan(ablation, stage_configs(ablation), [], lock)
-    assert todo == ["expand", "route", "post_train"]
-    assert not rep.share_stage1(source, ablation)  # a run folder that exists is never touched again
+    expected = {"ablation_random_buckets": ["prepare", "expand"],     # its own buckets: route differs
+                "ablation_no_router_init": ["prepare", "expand"],    # no route stage at all
+                "ablation_random_parents": ["prepare"],              # its own expansion
+                "upit_relative_buckets": ["prepare", "expand"]}
+    for recipe, shared in expected.items():
+        cfg = rep.recipe_config(recipe, 0, tmp_path / recipe, size)
+        assert rep.share_stages(source, cfg) == shared, recipe
+        assert (tmp_path / recipe / "prepare" / "manifest.json").stat().st_ino == \
+            (source / "prepare" / "manifest.json").stat().st_ino  # hard-linked, not copied
+        assert plan(cfg) == [s for s in stage_configs(cfg) if s not in shared], recipe
+        assert rep.share_stages(source, cfg) == []  # a run folder that exists is never touched again
+
+    # a finished upit_lora with a hand-edited expand manifest: prepare is shared, expand is not
+    (source / "expand" / "manifest.json").write_text(json.dumps({"stage": "expand", "complete": False}))
+    cfg = rep.recipe_config("ablation_random_buckets", 0, tmp_path / "edited", size)
+    assert rep.share_stages(source, cfg) == ["prepare"]
+
+
+def test_prune_frees_scored_weights_and_keeps_what_ablations_and_reports_read(tmp_path):
+    rep = _reproduce()
+    run = tmp_path / "run"
+    files = {"prepare/checkpoints/checkpoint-1/adapter_model.safetensors": 100, "expand/experts/e0.safetensors": 10,
+             "route/routers.safetensors": 3, "mix/moe/model.safetensors": 50,
+             "post_train/checkpoints/checkpoint-4/model.safetensors": 70,
+             "post_train/model/model-00001-of-00002.safetensors": 40, "post_train/model/model.safetensors.index.json": 2,
+             "post_train/model/config.json": 1, "post_train/manifest.json": 1, "results.json": 1}
+    for name, size in files.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes(b"x" * size)
+    assert rep.prune_weights(run, keep_model=True) == 50 + 70
+    assert rep.prune_weights(run, keep_model=False) == 40 + 2
+    left = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    assert left == sorted(["prepare/checkpoints/checkpoint-1/adapter_model.safetensors", "expand/experts/e0.safetensors",
+                           "route/routers.safetensors", "post_train/model/config.json", "post_train/manifest.json",
+                           "results.json"])
