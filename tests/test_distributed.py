@@ -27,9 +27,10 @@ ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 COMMON = ["--quiet", "data.max_length=64", "data.eval_fraction=0", "evaluate=false", "prepare.train.epochs=2",
           "prepare.save_every=0.25", "prepare.lora.dropout=0", "route.seed_count=8", "route.train.epochs=1",
           "post_train.train.epochs=0.5", "post_train.save_every=0.5", "post_train.moe.aux_loss_coef=0",
-          *(f"{s}.train.sampler=sequential" for s in ("prepare", "route", "post_train"))]
+          "branch.train.epochs=1", "branch.lora.dropout=0",
+          *(f"{s}.train.sampler=sequential" for s in ("prepare", "route", "post_train", "branch"))]
 # (one process, each of two ranks): per-device batch sizes giving the same global batch
-BATCHES = {"prepare": (8, 4), "route": (4, 2), "post_train": (4, 2)}
+BATCHES = {"prepare": (8, 4), "route": (4, 2), "post_train": (4, 2), "branch": (4, 2)}
 TOL = 1e-4  # relative, max over each tensor: only the order of DDP's gradient reduction differs (measured below)
 
 
@@ -85,7 +86,11 @@ def check_equal_runs(one: Path, two: Path, recipe: str):
         p1, p2 = (json.loads((d / "route" / "perplexity.json").read_text()) for d in (one, two))
         assert p1["owners"] == p2["owners"]
         assert torch.allclose(torch.tensor(p1["ppl"]), torch.tensor(p2["ppl"]), rtol=1e-5)
-    assert_close(one / "post_train" / "model", two / "post_train" / "model")
+    if "branch" in record["stages"]:
+        for expert in sorted((one / "branch" / "experts").iterdir()):
+            assert_close(expert, two / "branch" / "experts" / expert.name)
+    if "post_train" in record["stages"]:
+        assert_close(one / "post_train" / "model", two / "post_train" / "model")
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +110,12 @@ def test_upit_lora_on_two_processes_equals_one(upit_lora_runs):
     assert list(record["stages"]) == ["prepare", "expand", "route", "post_train"]
 
 
+# every recipe but upit_lora (above) and self_moe_selfgen (tests/test_self_specialize.py: rank 0 generates)
+OTHER_RECIPES = sorted(p.stem for p in RECIPES.glob("*.yaml") if p.stem not in ("upit_lora", "self_moe_selfgen"))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["upit_ffn", "nvidia_granular"])
+@pytest.mark.parametrize("recipe", OTHER_RECIPES)
 def test_other_recipes_on_two_processes_equal_one(recipe, tmp_path, llama_dir, even_data):
     assert main(args(recipe, llama_dir, even_data, tmp_path / "one", 1)) == 0
     proc = two_processes(args(recipe, llama_dir, even_data, tmp_path / "two", 2))

@@ -54,7 +54,7 @@ def test_the_wrong_stage_or_an_unfinished_one_is_refused(tmp_path, base_dir):
         read_manifest(prep, "prepare")
     assert read_manifest(prep, "prepare", complete=False).complete is False
     (prep / MANIFEST).write_text('{"stage": "prepare", ')
-    with pytest.raises(UpcycleError, match="not valid JSON"):
+    with pytest.raises(UpcycleError, match="not a JSON object"):
         read_manifest(prep, "prepare")
     with pytest.raises(UpcycleError, match="no manifest.json; run `upcycle post-train` first"):
         read_manifest(tmp_path / "nowhere", "post_train")
@@ -85,3 +85,18 @@ def test_reopening_a_folder_whose_manifest_was_edited_is_refused(tmp_path):
     edit(tmp_path / "exp", lambda d: d.update(num_experts="eight"))
     with pytest.raises(UpcycleError, match=r"num_experts: Input should be a valid integer"):
         Manifest.open(tmp_path / "exp", "expand", "h1")
+
+
+@pytest.mark.parametrize("content", ["{\"stage\": \"expand\", ", "[1, 2]", "\xff\xfe"])
+def test_a_manifest_that_is_not_a_json_object_is_refused_naming_it_and_force_starts_over(tmp_path, content):
+    folder = tmp_path / "exp"
+    Manifest.open(folder, "expand", "h1", initial={"base": "/b", "kind": "lora", "num_experts": 0, "experts": []})
+    (folder / "experts.bin").write_bytes(b"x")
+    (folder / MANIFEST).write_bytes(content.encode("latin-1"))
+    for reopen in (lambda: Manifest.open(folder, "expand", "h1"), lambda: read_manifest(folder, "expand")):
+        with pytest.raises(UpcycleError, match=rf"{folder / MANIFEST}: not a JSON object.*--force"):
+            reopen()
+    assert (folder / "experts.bin").exists()  # nothing removed by a refusal
+    fresh = Manifest.open(folder, "expand", "h1", force=True, initial={"base": "/b", "kind": "lora",
+                                                                       "num_experts": 0, "experts": []})
+    assert fresh.data["config_hash"] == "h1" and not (folder / "experts.bin").exists()

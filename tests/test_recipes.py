@@ -108,3 +108,14 @@ def test_a_domain_with_no_rows_is_refused(llama_dir, tiny_data, tmp_path, capsys
                  "branch.domains=[math, poetry]", *TINY])
     assert code == 2 and "branch.domains: 'poetry' has no rows" in capsys.readouterr().err
     assert not (tmp_path / "r" / "branch" / "experts").exists()
+
+
+@pytest.mark.parametrize("content", ['{"recipe": "upit_lora", ', '["prepare"]', '{"recipe": "upit_lora"}'])
+def test_a_broken_run_record_is_refused_naming_it(content, llama_dir, tiny_data, tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "run.json").write_text(content)
+    path = Path(__file__).resolve().parents[1] / "recipes" / "upit_lora.yaml"
+    code = main(["run", str(path), "--quiet", f"base={llama_dir}", f"data.train=[{tiny_data}]", f"out={out}", *TINY])
+    assert code == 2 and f"{out / 'run.json'}: not a run record" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"] and (out / "run.json").read_text() == content

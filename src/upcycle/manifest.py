@@ -231,6 +231,15 @@ def validate_manifest(data: dict, stage: str, source: str | Path) -> StageManife
                            "(or the recipe with --redo)") from None
 
 
+def json_object(path: Path) -> dict | None:
+    """The file's JSON object, or None where it holds something else (invalid JSON, a list, binary)."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def read_manifest(folder: str | Path, stage: str | tuple[str, ...], complete: bool = True):
     """The typed manifest of the `stage` stage in `folder` (for a stage that reads another's output;
     a tuple accepts any of those stages); with `complete`, an unfinished stage is refused."""
@@ -240,11 +249,11 @@ def read_manifest(folder: str | Path, stage: str | tuple[str, ...], complete: bo
     wanted = " or ".join(stages)
     if not path.is_file():
         raise UpcycleError(f"{wanted} {folder}: no {MANIFEST}; run `upcycle {stages[0].replace('_', '-')}` first")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UpcycleError(f"{path}: not valid JSON ({e}); rerun the {wanted} stage with --force") from None
-    found = data.get("stage") if isinstance(data, dict) else None
+    data = json_object(path)
+    if data is None:
+        raise UpcycleError(f"{path}: not a JSON object (hand-edited, or a broken write?); rerun the {wanted} "
+                           "stage with --force")
+    found = data.get("stage")
     if found not in stages:
         raise UpcycleError(f"{wanted} {folder}: {MANIFEST} belongs to a {found} stage, not {wanted}; check the path")
     record = validate_manifest(data, found, path)
@@ -271,8 +280,11 @@ class Manifest:
         folder = Path(folder)
         path = folder / MANIFEST
         if path.is_file():
-            data = json.loads(path.read_text())
-            if data.get("stage") == stage and data.get("config_hash") == config_hash:
+            data = json_object(path)
+            if data is None and not force:
+                raise UpcycleError(f"{path}: not a JSON object (hand-edited, or a broken write?); pass --force "
+                                   f"to start the {stage} stage over")
+            if data is not None and data.get("stage") == stage and data.get("config_hash") == config_hash:
                 validate_manifest(data, stage, path)
                 return cls(folder, data)
             if not force:

@@ -35,7 +35,7 @@ from upcycle.config import (AT, BranchConfig, DataSpec, ExpandConfig, MixConfig,
                             RouteConfig, _Section, base_problems, config_hash, dump_config, refuse)
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import atomic_write_text
-from upcycle.manifest import MANIFEST, read_manifest, stored_path
+from upcycle.manifest import MANIFEST, json_object, read_manifest, stored_path
 
 StageName = Literal["prepare", "branch", "expand", "route", "mix", "post_train"]
 ORDER: tuple[str, ...] = ("prepare", "branch", "expand", "route", "mix", "post_train")
@@ -380,7 +380,12 @@ def _plan(cfg: RunConfig, cfgs: dict, redo: list[str], lock: "contextlib.ExitSta
             raise UpcycleError(f"--redo {name}: not a stage of this recipe ({', '.join(cfgs)})")
     lock.enter_context(output_lock(out))
     record_path = out / RUN_MANIFEST
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {"recipe": cfg.recipe, "stages": {}}
+    record = {"recipe": cfg.recipe, "stages": {}}
+    if record_path.is_file():
+        record = json_object(record_path)
+        if record is None or not isinstance(record.get("stages"), dict):
+            raise UpcycleError(f"{record_path}: not a run record (hand-edited, or a broken write?); delete it and "
+                               "rerun, or choose another out")
     if not redo:
         problems = _refusals(cfgs, record, out, redo)
         if problems:
