@@ -22,6 +22,7 @@ seed or data that contradicts the recipe's), and `check_base`, which reads the b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -321,8 +322,6 @@ def _refusals(cfgs: dict, record: dict, out: Path, redo: list[str]) -> list[str]
 def run(cfg: RunConfig, progress: bool = True, redo: list[str] | None = None) -> dict:
     """Run the recipe's stages in order; a refused run changes nothing in the folder it refused.
     Under torchrun every rank runs this; rank 0 alone plans, locks and records (upcycle/distributed.py)."""
-    import contextlib
-
     from upcycle import distributed as dist
 
     started = time.perf_counter()
@@ -364,7 +363,7 @@ def run(cfg: RunConfig, progress: bool = True, redo: list[str] | None = None) ->
     return {"out": str(out), **result}
 
 
-def _plan(cfg: RunConfig, cfgs: dict, redo: list[str], lock: "contextlib.ExitStack") -> tuple[dict, list[str]]:
+def _plan(cfg: RunConfig, cfgs: dict, redo: list[str], lock: contextlib.ExitStack) -> tuple[dict, list[str]]:
     """Rank 0, before any stage: check the base and the folder, take the lock (held in `lock` until
     the run ends), clear what --redo names; return the run record and the stages still to run."""
     from upcycle.io.atomic import check_not_an_input, output_lock
