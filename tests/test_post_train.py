@@ -73,12 +73,46 @@ def test_export_matches_the_trained_model(llama_dir, data_file, tmp_path):
     s = post_train.run(pt_cfg(llama_dir, tmp_path / "p", data_file, "moe.expert_type=lora", "export.format=mixtral"),
                        progress=False, callbacks=[seen])
     assert s["export"]["format"] == "mixtral"
+    # The Trainer turned the cache off for training; the shipped config generates with it again.
+    assert json.loads((tmp_path / "p" / "model" / "config.json").read_text())["use_cache"] is True
     stock = AutoModelForCausalLM.from_pretrained(s["model"])
     assert type(stock) is MixtralForCausalLM
     with torch.no_grad():
         exported = stock.eval()(ids).logits
     assert (seen.logits["end"] - seen.logits["begin"]).abs().max() > 1e-2  # training changed the model
     assert (exported - seen.logits["end"]).abs().max() < 1e-4
+
+
+def test_a_rerun_that_only_evaluates_scores_the_trained_model(llama_dir, data_file, tmp_path, monkeypatch):
+    """A run stopped during its final evaluation resumes by scoring the post-trained model it exported,
+    not the untrained assembly the stage builds first (it once did: 53/45/59/45 for a 64/76/55/57
+    model on SmolLM2)."""
+    from upcycle.eval import checkpoints, suite_eval
+
+    ids = torch.randint(6, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    scored = []
+
+    def record_logits(model, tokenizer, items, **kw):  # stands in for the suite: what model is scored?
+        model.eval()
+        with torch.no_grad():
+            scored.append(model(ids).logits.float())
+        return {"scores": {"code": 0.5}, "average": 0.5, "outputs": []}
+
+    monkeypatch.setattr(suite_eval, "evaluate_items", record_logits)
+    monkeypatch.setattr(checkpoints, "suite_test_items", lambda *a: [])
+    cfg = pt_cfg(llama_dir, tmp_path / "p", data_file, "moe.expert_type=lora", "evaluate=true")
+    post_train.run(cfg, progress=False)
+    manifest = tmp_path / "p" / "manifest.json"
+    record = json.loads(manifest.read_text())
+    del record["scores"], record["average"]  # as if the first run died while evaluating
+    manifest.write_text(json.dumps(record))
+    post_train.run(cfg, progress=False)
+    untrained, _ = post_train.build_model(cfg)
+    with torch.no_grad():
+        untrained_logits = untrained.eval()(ids).logits
+    assert len(scored) == 2
+    assert (scored[0] - untrained_logits).abs().max() > 1e-2  # training changed the model
+    assert (scored[1] - scored[0]).abs().max() < 1e-4
 
 
 class PoisonAfter:

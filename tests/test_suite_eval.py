@@ -62,3 +62,23 @@ def test_single_token_options_and_empty_option(llama_dir):
         full_forward_logliks(model, tokenizer, PROMPT, single), abs=1e-4)
     with pytest.raises(ValueError, match="options"):
         option_logliks(model, tokenizer, PROMPT, ["a", ""])
+
+
+def test_generation_uses_the_cache_even_when_training_switched_it_off(llama_dir):
+    """After the Trainer, config.use_cache is False and generation_config may follow it; greedy
+    generation must still feed one new token per step (not the whole sequence again)."""
+    from upcycle.eval.suite_eval import generate
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    model.config.use_cache = False
+    model.generation_config.use_cache = False
+    model.generation_config.eos_token_id = None  # run every step
+    widths = []
+    hook = model.model.register_forward_pre_hook(lambda m, args, kw: widths.append(kw["input_ids"].shape[1]),
+                                                 with_kwargs=True)
+    try:
+        generate(model, tokenizer, ["abc", "abcdef"], max_new_tokens=4)
+    finally:
+        hook.remove()
+    assert len(widths) == 4 and widths[0] > 1 and widths[1:] == [1, 1, 1], widths

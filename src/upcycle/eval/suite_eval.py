@@ -32,7 +32,11 @@ def prompt_text(tokenizer, item: Item) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
-    """Greedy completions, without the prompt; stops at the tokenizer's end-of-turn (eos) token."""
+    """Greedy completions, without the prompt; stops at the tokenizer's end-of-turn (eos) token.
+
+    The key/value cache is asked for explicitly: a model just out of the Trainer has
+    `config.use_cache=False` (TrainingArguments.use_cache), and generating without the cache re-runs
+    the whole sequence at every new token (the SmolLM2 post-train evaluation took twice as long)."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     outs = []
@@ -40,7 +44,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         for i in range(0, len(prompts), batch_size):
             batch = to_model_device(tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
                                               add_special_tokens=False), model)
-            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             outs += tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:

@@ -170,6 +170,9 @@ def save_moe(model, out: str | Path, format: str = "auto", dtype: str = "auto", 
         raise UpcycleError("save_moe: this model has no MoE layers; upcycle it first (upcycle_model)")
     export = ExportSpec(format=format, dtype=dtype, max_shard_size=max_shard_size, lora_storage=lora_storage)
     dense_cfg = model.config.to_dict()
+    # The Trainer switches the cache off for training (TrainingArguments.use_cache is False); the
+    # shipped model generates with it, as every stock config does by default.
+    dense_cfg["use_cache"] = True
     target = resolve_format(export.format, dense_cfg, spec, export.lora_storage)
     blocks = dict(moe_blocks(model))
     moe_layers = sorted(blocks)
