@@ -159,15 +159,25 @@ def cli(dense, out, data, *extra):
             "moe.num_experts=4", "moe.top_k=2", *extra]
 
 
-def test_sigkill_then_rerun_gives_the_uninterrupted_model(llama_dir, data_file, tmp_path):
-    """Bit-identical final export after a SIGKILL between checkpoints 2 and 3 of 4 (same seed, CPU)."""
+@pytest.mark.parametrize("experts", ["mlp", "lora"])
+def test_sigkill_then_rerun_gives_the_uninterrupted_model(experts, llama_dir, data_file, tmp_path):
+    """Bit-identical final export after a SIGKILL between checkpoints 2 and 3 of 4 (same seed, CPU).
+    With LoRA experts the checkpoints hold only the trained tensors (LoRA and routers); the rerun
+    puts them back on the frozen weights it rebuilds."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    subprocess.run(cli(llama_dir, tmp_path / "clean", data_file), check=True, env=env, capture_output=True)
+    argv = [f"moe.expert_type={experts}"]
+    subprocess.run(cli(llama_dir, tmp_path / "clean", data_file, *argv), check=True, env=env, capture_output=True)
     killed = tmp_path / "killed"
-    state = kill_after_checkpoints(cli(llama_dir, killed, data_file), killed / "manifest.json", 2, env)
+    state = kill_after_checkpoints(cli(llama_dir, killed, data_file, *argv), killed / "manifest.json", 2, env)
     assert not state["complete"] and 2 <= len(state["checkpoints"]) < 4  # not marked done
     assert not (killed / "model").exists()
-    subprocess.run(cli(llama_dir, killed, data_file), check=True, env=env, capture_output=True)
+    saved = load_file(killed / state["checkpoints"][0]["path"] / "model.safetensors")
+    if experts == "lora":
+        assert saved and all(".router." in k or ".lora_" in k for k in saved), sorted(saved)[:5]
+        assert any(".lora_" in k for k in saved)
+    else:
+        assert "model.embed_tokens.weight" in saved  # everything trains
+    subprocess.run(cli(llama_dir, killed, data_file, *argv), check=True, env=env, capture_output=True)
     a = load_file(tmp_path / "clean" / "model" / "model.safetensors")
     b = load_file(killed / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -35,6 +35,31 @@ def make_trainer_class(loss_fn):
                                    "The last listed checkpoint is kept: lower train.lr or check the data, then rerun to resume")
             return (loss, {"loss": loss}) if return_outputs else loss
 
+        def _trained_names(self) -> set[str]:
+            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            return {name for name, p in model.named_parameters() if p.requires_grad}
+
+        def _save(self, output_dir=None, state_dict=None):
+            """A checkpoint holds the trained tensors only (routers, LoRA or expert weights): the frozen
+            rest is what the stage rebuilds from its inputs on a rerun, so storing it again per
+            checkpoint only costs disk and hashing (SmolLM2's router pre-training wrote 636 MB per
+            epoch for 0.1 MB of routers; at 8B with full experts it would be the whole MoE).
+            DeepSpeed and FSDP save their own sharded states, unchanged."""
+            if state_dict is None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+                trained = self._trained_names()
+                model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+                state_dict = {k: v for k, v in model.state_dict().items() if k in trained}
+            super()._save(output_dir, state_dict=state_dict)
+
+        def _issue_warnings_after_load(self, load_result) -> None:
+            """Resuming from a trained-tensors-only checkpoint: frozen weights are expected to be
+            missing; a trained one missing, or an unknown one, means the checkpoint is not this model's."""
+            trained = self._trained_names()
+            wrong = [k for k in load_result.missing_keys if k in trained] + list(load_result.unexpected_keys)
+            if wrong:
+                raise UpcycleError(f"checkpoint does not fit this model: {len(wrong)} trained tensors missing or "
+                                   f"unknown (e.g. {wrong[:3]}); delete the stage folder's checkpoints and rerun")
+
     return LossTrainer
 
 
