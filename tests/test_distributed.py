@@ -32,6 +32,10 @@ COMMON = ["--quiet", "data.max_length=64", "data.eval_fraction=0", "evaluate=fal
 # (one process, each of two ranks): per-device batch sizes giving the same global batch
 BATCHES = {"prepare": (8, 4), "route": (4, 2), "post_train": (4, 2), "branch": (4, 2)}
 TOL = 1e-4  # relative, max over each tensor: only the order of DDP's gradient reduction differs (measured below)
+# Upcycle_PT's experts start as identical copies of one fine-tuned MLP, so a token's top-k candidates
+# tie up to float noise and the reduction order can route it to the other copy: measured 1.0e-3 on 2
+# of 40 tensors (router weights; median 2.6e-7). Every other recipe stays under 1.4e-5.
+RECIPE_TOL = {"upcycle_pt": 5e-3}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +69,7 @@ def tensors(folder: Path) -> dict:
     return out
 
 
-def assert_close(a: Path, b: Path):
+def assert_close(a: Path, b: Path, tol: float = TOL):
     ta, tb = tensors(a), tensors(b)
     assert ta.keys() == tb.keys() and ta
     for k in ta:
@@ -73,24 +77,24 @@ def assert_close(a: Path, b: Path):
         if not ta[k].numel():  # qwen2_moe's zero-width shared expert (no shared expert)
             continue
         scale = ta[k].float().abs().max().clamp_min(1e-12)
-        assert ((ta[k].float() - tb[k].float()).abs().max() / scale) <= TOL, k
+        assert ((ta[k].float() - tb[k].float()).abs().max() / scale) <= tol, k
 
 
 def check_equal_runs(one: Path, two: Path, recipe: str):
     record = json.loads((two / "run.json").read_text())
     assert all(s["status"] == "done" for s in record["stages"].values())
-    if "prepare" in record["stages"]:
-        for c in json.loads((one / "prepare" / "manifest.json").read_text())["checkpoints"]:
-            assert_close(one / "prepare" / c["path"], two / "prepare" / c["path"])
+    for trained in ["prepare"] * ("prepare" in record["stages"]) + [  # each branch expert is a prepare folder
+            f"branch/experts/{e.name}" for e in sorted((one / "branch" / "experts").glob("*"))]:
+        checkpoints = json.loads((one / trained / "manifest.json").read_text())["checkpoints"]
+        assert checkpoints
+        for c in checkpoints:
+            assert_close(one / trained / c["path"], two / trained / c["path"])
     if "route" in record["stages"]:
         p1, p2 = (json.loads((d / "route" / "perplexity.json").read_text()) for d in (one, two))
         assert p1["owners"] == p2["owners"]
         assert torch.allclose(torch.tensor(p1["ppl"]), torch.tensor(p2["ppl"]), rtol=1e-5)
-    if "branch" in record["stages"]:
-        for expert in sorted((one / "branch" / "experts").iterdir()):
-            assert_close(expert, two / "branch" / "experts" / expert.name)
     if "post_train" in record["stages"]:
-        assert_close(one / "post_train" / "model", two / "post_train" / "model")
+        assert_close(one / "post_train" / "model", two / "post_train" / "model", RECIPE_TOL.get(recipe, TOL))
 
 
 @pytest.fixture(scope="module")
