@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from upcycle.config import BuildConfig, MoESpec
-from upcycle.eval.suite_eval import option_logliks
+from upcycle.eval.suite_eval import batch_option_logliks, option_logliks
 from upcycle.stages import build
 
 PROMPT = "Which city is the capital of the country whose flag has a maple leaf on it? Answer:"
@@ -51,6 +51,12 @@ def test_option_logliks_equal_one_full_forward_per_option(which, llama_dir, moe_
     reference = full_forward_logliks(model, tokenizer, PROMPT, OPTIONS)
     assert ours == pytest.approx(reference, abs=1e-4)
     assert len(set(round(x, 3) for x in reference)) == len(OPTIONS)  # the comparison can tell options apart
+    # several items in one batch: prompts of different lengths (left padding), option counts and lengths
+    prompts = [PROMPT, "Pick one:", PROMPT[:40]]
+    options = [OPTIONS, ["b", "Toronto"], OPTIONS[1:]]
+    batched = batch_option_logliks(model, tokenizer, prompts, options)
+    for prompt, opts, got in zip(prompts, options, batched):
+        assert got == pytest.approx(full_forward_logliks(model, tokenizer, prompt, opts), abs=1e-4), prompt
 
 
 def test_single_token_options_and_empty_option(llama_dir):

@@ -59,39 +59,52 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-@torch.no_grad()
 def option_logliks(model, tokenizer, prompt: str, options: list[str]) -> list[float]:
-    """Sum of log-probabilities of each option's tokens after the prompt (lm-eval's `acc` sums).
+    """Sum of log-probabilities of each option's tokens after the prompt (lm-eval's `acc` sums)."""
+    return batch_option_logliks(model, tokenizer, [prompt], [options])[0]
 
-    The prompt is run once and its key/value cache shared by all options, which then run as one
-    right-padded batch: about a quarter of the work of one full forward per option on the smol mix
-    (55-token prompts, 2-5-token options), and the same sums up to float rounding (tested against
-    full forwards). Only the positions that score an option token get logits.
+
+@torch.no_grad()
+def batch_option_logliks(model, tokenizer, prompts: list[str], options: list[list[str]]) -> list[list[float]]:
+    """`option_logliks` for several items in two forward passes.
+
+    The prompts run once, left-padded into one batch, with position ids counted from each prompt's
+    first real token (so padding changes nothing but float rounding); their key/value cache is then
+    copied to one row per option, and all options run as one right-padded batch. Only the positions
+    that score an option token get logits. Tested against one full forward per option.
     """
-    prefix = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    conts = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
-    if not prefix or not all(conts):
-        raise ValueError(f"multiple choice needs a non-empty prompt and options; got prompt {prompt!r}, "
-                         f"options {options!r}")
-    ids = to_model_device(torch.tensor([prefix]), model)
-    first = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    first_logp = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
-    width = max(map(len, conts))
-    scores = [first_logp[c[0]].item() for c in conts]
-    if width == 1:
+    prefixes = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    conts = [[tokenizer(o, add_special_tokens=False)["input_ids"] for o in opts] for opts in options]
+    for prompt, prefix, opts, cs in zip(prompts, prefixes, options, conts):
+        if not prefix or not cs or not all(cs):
+            raise ValueError(f"multiple choice needs a non-empty prompt and options; got prompt {prompt!r}, "
+                             f"options {opts!r}")
+    pad = tokenizer.pad_token_id or 0
+    width = max(map(len, prefixes))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prefixes])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, positions = to_model_device((ids, mask, positions), model)
+    first = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first_logp = torch.log_softmax(first.logits[:, -1].float(), dim=-1)
+    scores = [[first_logp[i, c[0]].item() for c in cs] for i, cs in enumerate(conts)]
+    rows = [(i, k, c) for i, cs in enumerate(conts) for k, c in enumerate(cs)]  # one row per option
+    cont_width = max(len(c) for _, _, c in rows)
+    if cont_width == 1:
         return scores
     name = cache_argument(model)
     cache = getattr(first, name)
-    cache.batch_repeat_interleave(len(conts))
-    pad = tokenizer.pad_token_id or 0
-    cont_ids = torch.tensor([c + [pad] * (width - len(c)) for c in conts])
-    mask = torch.tensor([[1] * (len(prefix) + len(c)) + [0] * (width - len(c)) for c in conts])
-    cont_ids, mask = to_model_device((cont_ids, mask), model)
-    logits = model(input_ids=cont_ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
-                   **{name: cache}).logits
+    owner = torch.tensor([i for i, _, _ in rows])
+    cache.batch_select_indices(owner.to(ids.device))
+    cont_ids = torch.tensor([c[:-1] + [pad] * (cont_width - len(c)) for _, _, c in rows])
+    cont_mask = torch.tensor([[1] * (len(c) - 1) + [0] * (cont_width - len(c)) for _, _, c in rows])
+    cont_positions = torch.tensor([[len(prefixes[i]) + j for j in range(cont_width - 1)] for i, _, _ in rows])
+    cont_ids, cont_mask, cont_positions = to_model_device((cont_ids, cont_mask, cont_positions), model)
+    logits = model(input_ids=cont_ids, attention_mask=torch.cat([mask[owner.to(mask.device)], cont_mask], dim=1),
+                   position_ids=cont_positions, use_cache=True, **{name: cache}).logits
     logp = torch.log_softmax(logits.float(), dim=-1)   # position j scores option token j + 1
-    for row, c in enumerate(conts):
-        scores[row] += sum(logp[row, j, c[j + 1]].item() for j in range(len(c) - 1))
+    for row, (i, k, c) in enumerate(rows):
+        scores[i][k] += sum(logp[row, j, c[j + 1]].item() for j in range(len(c) - 1))
     return scores
 
 
@@ -106,12 +119,15 @@ def evaluate_items(model, tokenizer, items: list[Item], progress: bool = False, 
     for domain in [d for d in DOMAINS if d in by_domain]:
         todo = by_domain[domain]
         if domain == "mc":
-            for item in tqdm(todo, desc="mc", disable=not progress):
-                ll = option_logliks(model, tokenizer, prompt_text(tokenizer, item), item.options)
-                choice = max(range(len(ll)), key=ll.__getitem__)
-                per_domain[domain].append(float(choice == item.correct))
-                outputs.append({"domain": domain, "prompt": item.prompt, "output": item.options[choice],
-                                "score": per_domain[domain][-1]})
+            for start in tqdm(range(0, len(todo), batch_size), desc="mc", disable=not progress):
+                chunk = todo[start:start + batch_size]
+                logliks = batch_option_logliks(model, tokenizer, [prompt_text(tokenizer, i) for i in chunk],
+                                               [i.options for i in chunk])
+                for item, ll in zip(chunk, logliks):
+                    choice = max(range(len(ll)), key=ll.__getitem__)
+                    per_domain[domain].append(float(choice == item.correct))
+                    outputs.append({"domain": domain, "prompt": item.prompt, "output": item.options[choice],
+                                    "score": per_domain[domain][-1]})
             continue
         texts = generate(model, tokenizer, [prompt_text(tokenizer, i) for i in todo], new_token_budget(todo[0]), batch_size)
         for item, text in tqdm(list(zip(todo, texts)), desc=domain, disable=not progress):
