@@ -109,8 +109,16 @@ def test_non_empty_output_needs_force(capsys, llama_dir, tmp_path):
     code, err = run_cli(capsys, "--base", llama_dir, "--out", out, "--num-experts", "2", "--top-k", "1")
     assert code == 2 and "not empty" in err[0] and "--force" in err[0]
     assert (out / "keep.txt").read_text() == "precious"
-    code, _ = run_cli(capsys, "--base", llama_dir, "--out", out, "--num-experts", "2", "--top-k", "1", "--force")
+    # --force replaces only what upcycle made: a folder of the user's needs --force-foreign as well.
+    code, err = run_cli(capsys, "--base", llama_dir, "--out", out, "--num-experts", "2", "--top-k", "1", "--force")
+    assert code == 2 and len(err) == 1 and "not a folder upcycle made" in err[0] and "--force-foreign" in err[0]
+    assert (out / "keep.txt").read_text() == "precious"
+    code, _ = run_cli(capsys, "--base", llama_dir, "--out", out, "--num-experts", "2", "--top-k", "1", "--force",
+                      "--force-foreign")
     assert code == 0 and not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    # An upcycle output is replaced by --force alone.
+    code, _ = run_cli(capsys, "--base", llama_dir, "--out", out, "--num-experts", "4", "--top-k", "1", "--force")
+    assert code == 0 and json.loads((out / "config.json").read_text())["num_local_experts"] == 4
 
 
 @pytest.mark.parametrize("damage", ["truncate", "header"])

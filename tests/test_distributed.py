@@ -216,8 +216,9 @@ def test_an_error_on_one_rank_stops_all_ranks_and_is_shown_once(tmp_path):
 
 
 def test_a_bad_input_found_late_in_a_recipe_is_shown_once(upit_lora_runs, tmp_path, llama_dir, even_data):
-    """route.seed_count larger than the data is only found by the route stage (after prepare and expand):
-    rank 0 reports it once, rank 1 stops without repeating it, the exit status is 2."""
+    """route.seed_count larger than the data (found by rank 0 when it plans the run, from the data
+    files' row count, before any stage): rank 0 reports it once, rank 1 stops without repeating it,
+    the exit status is 2."""
     import shutil
 
     out = upit_lora_runs[1]  # stage configs name their folders: the run is redone in place, then restored
@@ -229,4 +230,4 @@ def test_a_bad_input_found_late_in_a_recipe_is_shown_once(upit_lora_runs, tmp_pa
         shutil.rmtree(out)
         shutil.copytree(tmp_path / "kept", out)
     assert proc.returncode != 0
-    assert proc.stderr.count("seed_count: 1000 is more than the 32 training samples") == 1, proc.stderr[-2000:]
+    assert proc.stderr.count("seed_count: 1000 is more than the 32 training rows") == 1, proc.stderr[-2000:]

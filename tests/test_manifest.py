@@ -92,6 +92,7 @@ def test_a_manifest_that_is_not_a_json_object_is_refused_naming_it_and_force_sta
     folder = tmp_path / "exp"
     Manifest.open(folder, "expand", "h1", initial={"base": "/b", "kind": "lora", "num_experts": 0, "experts": []})
     (folder / "experts.bin").write_bytes(b"x")
+    (folder / "upcycle_config.yaml").write_text("seed: 0\n")  # as every stage writes beside its manifest
     (folder / MANIFEST).write_bytes(content.encode("latin-1"))
     for reopen in (lambda: Manifest.open(folder, "expand", "h1"), lambda: read_manifest(folder, "expand")):
         with pytest.raises(UpcycleError, match=rf"{folder / MANIFEST}: not a JSON object.*--force"):

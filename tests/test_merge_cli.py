@@ -181,7 +181,9 @@ def test_a_merge_holding_nan_or_inf_is_refused_naming_the_tensor(llama_dir, vari
     save_file(state, sick / "model.safetensors", metadata={"format": "pt"})
     cfg = write_cfg(tmp_path, method="task_arithmetic", base=str(llama_dir), out=str(out),
                     models=[{"path": str(variants[0])}, {"path": str(sick)}])
-    refused(capsys, ["merge", str(cfg), "--quiet"], out, "tensor model.layers.1.self_attn.q_proj.weight", "NaN/inf")
+    # refused as it is read, naming the model's file and the tensor
+    refused(capsys, ["merge", str(cfg), "--quiet"], out, str(sick / "model.safetensors"),
+            "tensor 'model.layers.1.self_attn.q_proj.weight'", "NaN/inf")
     # Finite inputs whose merge overflows the output dtype: weights 1e7 and -1e7 in float16 (max 65504).
     cfg = write_cfg(tmp_path, method="task_arithmetic", base=str(llama_dir), out=str(out), dtype="float16",
                     models=[{"path": str(variants[0]), "weight": 1e7}, {"path": str(variants[1]), "weight": -1e7}])

@@ -58,7 +58,7 @@ def tuned(llama_dir, tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["mixtral", "qwen2_moe", "upcycle"])
 def test_copies_of_one_fine_tune_reproduce_it(llama_dir, tuned, tmp_path, token_ids, fmt):
     ref = logits_of(AutoModelForCausalLM.from_pretrained(tuned["a"], dtype=torch.float32), token_ids)
-    run_mix(llama_dir, [tuned["a"]] * 3, tmp_path / "m", export={"format": fmt})
+    run_mix(llama_dir, [tuned["a"]] * 3, tmp_path / "m", export={"format": fmt}, allow_duplicate_experts=True)
     folder = tmp_path / "m" / mix.MODEL
     got = logits_of(load_moe(folder), token_ids)
     assert (got - ref).abs().max() < 1e-4
@@ -95,7 +95,7 @@ def test_lora_copies_equal_peft_merged_and_compact_equals_materialized(llama_dir
 
     for a, storage, fmt in ((ad, "compact", "upcycle"), (ad, "materialize", "mixtral"), (with_attn, "materialize", "qwen2_moe")):
         out = tmp_path / f"{a.name}-{storage}"
-        run_mix(llama_dir, [a, a], out, export={"format": fmt, "lora_storage": storage})
+        run_mix(llama_dir, [a, a], out, export={"format": fmt, "lora_storage": storage}, allow_duplicate_experts=True)
         assert (logits_of(load_moe(out / mix.MODEL), token_ids) - logits_of(peft_merged(a), token_ids)).abs().max() < 1e-4
     # two different adapters (ranks 4 and 2): compact (factors) and materialized (W + dW) agree
     run_mix(llama_dir, [ad, ad2], tmp_path / "c2", export={"format": "upcycle", "lora_storage": "compact"})
@@ -107,7 +107,8 @@ def test_lora_copies_equal_peft_merged_and_compact_equals_materialized(llama_dir
     assert sizes[0] < sizes[1]
     # attention deltas cannot live in a compact folder: refused, not dropped
     with pytest.raises(UpcycleError, match="compact keeps only the base's weights .*q_proj"):
-        run_mix(llama_dir, [with_attn, with_attn], tmp_path / "c3", export={"format": "upcycle", "lora_storage": "compact"})
+        run_mix(llama_dir, [with_attn, with_attn], tmp_path / "c3", export={"format": "upcycle", "lora_storage": "compact"},
+                allow_duplicate_experts=True)
 
 
 def test_bad_experts_are_refused_naming_the_difference(llama_dir, tuned, tmp_path, capsys):
@@ -149,13 +150,14 @@ def test_prompt_and_embedding_routers_match_hand_computation(llama_dir, tuned, t
         h.remove()
         return torch.cat(seen).mean(0)
 
-    run_mix(llama_dir, [tuned["a"]] * 2, tmp_path / "p", router_init="prompts", prompts=prompts)
+    run_mix(llama_dir, [tuned["a"]] * 2, tmp_path / "p", router_init="prompts", prompts=prompts, allow_duplicate_experts=True)
     routers = load_file(tmp_path / "p" / mix.ROUTERS)
     for layer in (0, 1):
         rows = torch.stack([norm_out(layer, ["abc def", "xyz"]) - norm_out(layer, ["123"]), norm_out(layer, ["hello"])])
         want = rows / rows.norm(dim=-1, keepdim=True)
         assert torch.allclose(routers[f"model.layers.{layer}.mlp.router.weight"], want, atol=1e-5)
-    run_mix(llama_dir, [tuned["a"]] * 2, tmp_path / "e", router_init="cheap_embed", prompts=prompts)
+    run_mix(llama_dir, [tuned["a"]] * 2, tmp_path / "e", router_init="cheap_embed", prompts=prompts,
+            allow_duplicate_experts=True)
     table = load_file(Path(llama_dir) / "model.safetensors")["model.embed_tokens.weight"]
     ids = lambda texts: torch.tensor([i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]])  # noqa: E731
     rows = torch.stack([table[ids(["abc def", "xyz"])].mean(0) - table[ids(["123"])].mean(0), table[ids(["hello"])].mean(0)])

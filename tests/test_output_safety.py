@@ -116,15 +116,31 @@ def test_folder_appearing_mid_run_is_left_alone(tmp_path):
 def test_replacing_with_force_swaps_only_when_complete(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old").write_text("old")
+    (out / "upcycle_config.yaml").write_text("old: 1\n")  # an earlier upcycle output
     with pytest.raises(RuntimeError):
         with atomic_dir(out, force=True) as tmp:
             (tmp / "new").write_text("half")
             raise RuntimeError("crash mid-write")
-    assert sorted(p.name for p in out.iterdir()) == ["old"] and leftovers(out) == []
+    assert sorted(p.name for p in out.iterdir()) == ["upcycle_config.yaml"] and leftovers(out) == []
     with atomic_dir(out, force=True) as tmp:
         (tmp / "new").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["new"] and leftovers(out) == []
+
+
+def test_force_never_replaces_a_folder_upcycle_did_not_make_unless_told(tmp_path, monkeypatch):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"jpeg")
+    (out / "manifest.json").write_text('{"version": 3}')  # another tool's manifest is not ours
+    with pytest.raises(UpcycleError, match="not a folder upcycle made.*--force-foreign") as e:
+        with atomic_dir(out, force=True) as tmp:
+            (tmp / "x").write_text("never")
+    assert "\n" not in str(e.value)
+    assert (out / "holiday.jpg").read_bytes() == b"jpeg" and leftovers(out) == []
+    monkeypatch.setenv("UPCYCLE_FORCE_FOREIGN", "1")
+    with atomic_dir(out, force=True) as tmp:
+        (tmp / "x").write_text("replaced")
+    assert sorted(p.name for p in out.iterdir()) == ["x"]
 
 
 def test_plan_larger_than_free_space_is_refused_before_writing(tmp_path):

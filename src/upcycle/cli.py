@@ -1,7 +1,7 @@
 """The `upcycle` command line: parse, load and validate the config, call a stage's run().
 
     upcycle build --base DENSE_DIR --out OUT_DIR --num-experts 8 --top-k 2 --init copy
-    upcycle prepare | expand | route | post-train --config STAGE.yaml [key=value ...]
+    upcycle prepare | branch | expand | route | post-train --config STAGE.yaml [key=value ...]
     upcycle run recipes/upit_lora.yaml [key=value ...]        every stage in order, resumable
     upcycle mix --base BASE --expert FT_A --expert FT_B --out OUT --router-init ppl --data suite
     upcycle merge merge.yaml
@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from upcycle.errors import UpcycleError
@@ -48,6 +50,11 @@ COMMANDS: dict[str, Command] = {
         "base": ("base", {"help": "dense model folder or bundled:suite-base / bundled:smollm2"}), "out": ("out", {}),
         "mode": ("mode", {"choices": ["lora", "full"]}), "data": ("data.train", {"action": "append", "help": "training data file (repeat for several), or suite"}),
         "epochs": ("train.epochs", {"type": float}), "save-every": ("save_every", {"type": float}), "seed": ("seed", {"type": int}),
+    }),
+    "branch": Command("BranchConfig", "upcycle.stages.branch", "Branch-Train-MiX / Self-MoE: one expert per data domain", {
+        "base": ("base", {"help": "dense model folder or bundled:NAME"}), "out": ("out", {}),
+        "data": ("data.train", {"action": "append", "help": "training data whose rows carry `domain` (repeat), or suite"}),
+        "mode": ("mode", {"choices": ["lora", "full"]}), "seed": ("seed", {"type": int}),
     }),
     "expand": Command("ExpandConfig", "upcycle.stages.expand", "UpIT stage 2: grow the checkpoints into N experts", {
         "prepare": ("prepare", {}), "out": ("out", {}), "num-experts": ("num_experts", {"type": int}), "seed": ("seed", {"type": int}),
@@ -92,8 +99,15 @@ def _build_parser() -> argparse.ArgumentParser:
             s.add_argument("--config", help="YAML config (flags and key=value overrides win over it)")
         for flag, (_, kwargs) in cmd.flags.items():
             s.add_argument(f"--{flag}", dest=flag.replace("-", "_"), **kwargs)
-        s.add_argument("--force", action="store_true", help="replace outputs made by a different config")
+        if name not in ("run", "eval"):  # run: --redo STAGE; eval writes no folder it would replace
+            s.add_argument("--force", action="store_true",
+                           help="replace an out folder upcycle made (never an input, never a folder upcycle did not make)")
+            s.add_argument("--force-foreign", action="store_true", dest="force_foreign",
+                           help="with --force: also replace a non-empty out folder upcycle did not make")
         s.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "mix":
+            s.add_argument("--allow-duplicate-experts", action="store_true", dest="allow_duplicate_experts",
+                           help="accept the same expert given twice (warned) instead of refusing it")
         if name == "build":
             s.add_argument("--json", action="store_true", help="print the summary as JSON")
         if name == "run":
@@ -127,6 +141,8 @@ def _flag_values(args: argparse.Namespace, cmd: Command) -> dict:
             set_dotted(values, key, v)
     if getattr(args, "force", False):
         values["force"] = True
+    if getattr(args, "allow_duplicate_experts", False):
+        values["allow_duplicate_experts"] = True
     return values
 
 
@@ -146,7 +162,9 @@ def guess_kind(path: str) -> str:
                             ("BuildConfig", {"init", "export"}), ("ExpandConfig", {"num_experts", "prepare", "parents"}),
                             ("RouteConfig", {"seed_fraction", "seed_count", "buckets"}),
                             ("PostTrainConfig", {"source", "route", "dense"}),
-                            ("MixConfig", {"experts", "router_init", "branch"}), ("PrepareConfig", {"save_every", "mode"})):
+                            ("MixConfig", {"experts", "router_init", "branch"}),
+                            ("BranchConfig", {"domains", "data_source", "seed_per_domain", "generate_per_domain"}),
+                            ("PrepareConfig", {"save_every", "mode"})):
         if keys & markers:
             return schema
     return "BuildConfig"
@@ -163,8 +181,31 @@ def _print_build_summary(s: dict) -> None:
 
 
 def _is_rank_zero() -> bool:
-    import os
     return os.environ.get("RANK", "0") == "0"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's kill, torchrun stopping its workers) unwinds like Ctrl-C, so every
+    temporary an interrupted write holds is removed on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _remove_failed_output(out: str | None) -> None:
+    """A command that fails leaves nothing new behind: an out folder this process created is removed
+    unless it records finished work a rerun would resume from (a checkpoint, an expansion round,
+    buckets). A folder another process made meanwhile is never touched (io/atomic.py: created_here)."""
+    import shutil
+
+    from upcycle.io.atomic import created_here
+    from upcycle.manifest import holds_finished_work
+
+    if out is None or not _is_rank_zero() or not created_here(Path(out)):
+        return
+    if not holds_finished_work(Path(out)):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,12 +217,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + [x for x in extra if x not in stray]
+    from upcycle.io.atomic import FORCE_FOREIGN_ENV
+
+    previous_force_foreign = os.environ.get(FORCE_FOREIGN_ENV)
+    if getattr(args, "force_foreign", False):
+        if not getattr(args, "force", False):
+            parser.error("--force-foreign goes with --force (it widens what --force may replace)")
+        os.environ[FORCE_FOREIGN_ENV] = "1"  # read where the out folder is claimed (io/atomic.py), for this command
+    try:
+        previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (called from Python): leave signals to the caller
+        previous_sigterm = None
+    out = None
     try:
         from upcycle.config import load_config
 
         if args.command == "validate":
             kind = args.kind or guess_kind(args.config)
             cfg = load_config(_schema(kind), args.config, args.overrides)
+            from upcycle.data.check import config_data_problems
+            problems = config_data_problems(cfg)  # every data file opened, sizes checked against its rows
+            if problems:
+                raise UpcycleError(*problems)
             if kind == "RunConfig":
                 from upcycle.pipeline import check_base
                 check_base(cfg)  # what only the base's config.json can tell, as `upcycle run` checks first
@@ -212,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             values["model"] = args.model
             values.pop("force", None)
         cfg = load_config(_schema(cmd.schema), getattr(args, "config", None), args.overrides, values)
+        if args.command != "eval" and getattr(cfg, "out", None) is not None:
+            out = str(cfg.out)
         if args.command == "run":
             summary = module.run(cfg, progress=not args.quiet, redo=args.redo)
         else:
@@ -227,13 +286,32 @@ def main(argv: list[str] | None = None) -> int:
             brief = {k: v for k, v in summary.items() if k in ("out", "checkpoints", "experts", "children", "scores",
                                                                "average", "seed_samples", "seconds", "stages")}
             print(f"{args.command}: " + json.dumps(brief, default=str))
-    except UpcycleError as e:
-        for problem in e.problems:
+    except (UpcycleError, OSError) as e:
+        from upcycle.io.atomic import WRITE_ERRNOS, write_error
+
+        if isinstance(e, OSError) and e.errno not in WRITE_ERRNOS:
+            _remove_failed_output(out)
+            raise
+        problems = e.problems if isinstance(e, UpcycleError) else write_error(Path(out or e.filename or "."), e).problems
+        for problem in problems:
             print(f"upcycle: error: {problem}", file=sys.stderr)
+        _remove_failed_output(out)
         return 2
-    except KeyboardInterrupt:
-        print("upcycle: interrupted; no partial output was kept", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        kept = " (rerun the same command to resume from what finished)" if out and os.path.isdir(out) else ""
+        print(f"upcycle: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; no partial file was "
+              f"kept{kept}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except Exception:
+        _remove_failed_output(out)
+        raise
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        if previous_force_foreign is None:
+            os.environ.pop(FORCE_FOREIGN_ENV, None)
+        else:
+            os.environ[FORCE_FOREIGN_ENV] = previous_force_foreign
     return 0
 
 

@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from upcycle.errors import UpcycleError
+from upcycle.io.user_files import load_yaml
 
 Routing = Literal["softmax_topk", "softmax_topk_renorm", "topk_softmax"]
 """softmax_topk: weights = TopK(Softmax(logits)), not renormalized (NVIDIA's choice).
@@ -200,6 +201,10 @@ class DataSpec(_Section):
     @classmethod
     def _one_or_many(cls, v):
         return [v] if isinstance(v, str) else v
+
+    def local_files(self) -> list[str]:
+        """The train and eval entries that are files or folders on disk (not the built-in suite)."""
+        return [p for p in [*self.train, *(self.eval or [])] if p != "suite"]
 
 
 class LoRATrainSpec(_Section):
@@ -505,6 +510,8 @@ class MixConfig(_Section):
     ppl: PplInit = Field(default_factory=PplInit)
     data: DataSpec = Field(default_factory=DataSpec, description="Seed data for router_init=ppl.")
     check_base: bool = Field(True, description="Refuse experts whose weights are not close to the base (fingerprint).")
+    allow_duplicate_experts: bool = Field(False, description="Accept the same expert (identical weights) given twice, "
+                                          "with a warning, instead of refusing it.")
     max_drift: float = Field(1.0, gt=0, description="Largest ||W_expert - W_base|| / ||W_base|| of a sampled tensor "
                              "for a full fine-tune to count as one of the base (an unrelated model of equal norm is near 1.41).")
     export: ExportSpec = Field(default_factory=ExportSpec)
@@ -759,8 +766,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             continue
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+            value = load_yaml(raw, f"override {key.strip()}") if raw != "" else ""
+        except UpcycleError as e:
+            if "not valid YAML" not in str(e):
+                raise
             value = raw
         set_dotted(nested, key.strip(), value)
     if bad:
@@ -786,23 +795,32 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
-    """A YAML mapping; `extends: other.yaml` (relative to this file) is loaded first and overridden."""
+    """A YAML mapping (size- and alias-bounded: upcycle/io/user_files.py). `extends:` names the file(s)
+    this one builds on, relative to it: one path, or a list merged left to right (a later file
+    overrides an earlier one); this file's own keys override them all."""
+    from upcycle.io.user_files import read_yaml_file
+
     path = Path(path)
-    if not path.is_file():
-        raise UpcycleError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UpcycleError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml_file(path)
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise UpcycleError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
-    parent = data.pop("extends", None)
-    if parent is not None:
+    parents = data.pop("extends", None)
+    if parents is None:
+        return data
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not parents or not all(isinstance(p, str) and p for p in parents):
+        raise UpcycleError(f"{path}: extends: {parents!r}; give a file name or a list of file names "
+                           "(e.g. extends: upit_lora.yaml)")
+    merged: dict[str, Any] = {}
+    for parent in parents:
         parent_path = (path.parent / parent).resolve()
-        if parent_path in _seen:
+        if parent_path in _seen or parent_path == path.resolve():
             raise UpcycleError(f"{path}: extends {parent} makes a cycle")
-        data = deep_merge(read_yaml(parent_path, _seen + (parent_path,)), data)
-    return data
+        merged = deep_merge(merged, read_yaml(parent_path, _seen + (path.resolve(), parent_path)))
+    return deep_merge(merged, data)
 
 
 def format_validation_error(err: ValidationError, source: str = "") -> list[str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from transformers import CONFIG_MAPPING
 
 from upcycle.architectures import ATTENTION_FORMS, COMMON_CONFIG_KEYS, dense_architecture
 from upcycle.errors import UpcycleError
+from upcycle.io.user_files import read_json_object
 
 # Sizes the weights are checked against: a default here would silently describe another model.
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -61,14 +61,8 @@ FACT_FIELDS = frozenset({
 
 def read_config_json(path: Path) -> dict:
     """The JSON object in `path`, or a one-line UpcycleError naming the file."""
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UpcycleError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UpcycleError(f"{path}: a JSON {type(data).__name__}, not an object; config.json must map keys "
-                           "(model_type, hidden_size, ...) to values")
-    return data
+    return read_json_object(path, "model config (config.json)",
+                            "config.json must map keys (model_type, hidden_size, ...) to values")
 
 
 def config_object(cfg: dict, where: str = "config"):

@@ -9,7 +9,7 @@ A key is (layer, projection). Nothing is held beyond the tensor asked for.
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import torch
 
 from upcycle.errors import UpcycleError
 from upcycle.io.safetensors_io import SafetensorsReader
+from upcycle.io.user_files import read_json_object
 from upcycle.moe.experts import PROJS
 
 FFN_KEY = "model.layers.{layer}.mlp.{proj}.weight"
@@ -24,6 +25,7 @@ FFN_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\
 LORA_RE = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.mlp\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 LORA_ANY_RE = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight$")
 Key = tuple[int, str]
+PEFT_DEFAULT_ALPHA = 8  # peft's LoraConfig.lora_alpha default, for a config that leaves it out
 
 
 def ffn_name(key: Key) -> str:
@@ -40,6 +42,9 @@ class FFNExpert:
             raise UpcycleError(f"expert {self.path}: no safetensors weights")
         found = {(int(m.group(1)), m.group(2)) for m in map(FFN_RE.match, self.reader.names()) if m}
         self.keys: list[Key] = sorted(found, key=lambda k: (k[0], PROJS.index(k[1])))
+
+    def weight_files(self) -> list[Path]:
+        return sorted({info.file for info in self.reader.tensors.values()})
 
     def shape(self, key: Key) -> tuple[int, ...]:
         return tuple(self.reader.tensors[ffn_name(key)].shape)
@@ -60,8 +65,8 @@ class LoRAExpert:
         cfg_path = self.path / "adapter_config.json"
         if not weights.is_file() or not cfg_path.is_file():
             raise UpcycleError(f"expert {self.path}: not a peft adapter folder (adapter_model.safetensors + adapter_config.json)")
-        cfg = json.loads(cfg_path.read_text())
-        self.rank, self.scaling = int(cfg["r"]), float(cfg["lora_alpha"]) / int(cfg["r"])
+        cfg = read_json_object(cfg_path, "peft adapter config", "re-save the adapter with peft's save_pretrained")
+        self.rank, self.scaling = adapter_rank_and_scaling(cfg, cfg_path)
         self.base_model: str | None = cfg.get("base_model_name_or_path")  # what the adapter was made on
         self.reader = SafetensorsReader([weights])
         self.names: dict[Key, dict[str, str]] = {}
@@ -72,6 +77,9 @@ class LoRAExpert:
         self.keys: list[Key] = sorted(self.names, key=lambda k: (k[0], PROJS.index(k[1]) if k[1] in PROJS else 9))
         if not self.keys:
             raise UpcycleError(f"expert {self.path}: the adapter has no LoRA weights on MLP projections")
+
+    def weight_files(self) -> list[Path]:
+        return [self.path / "adapter_model.safetensors"]
 
     def factors(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (r, in), B (out, r)) as stored."""
@@ -96,6 +104,25 @@ class LoRAExpert:
                 pairs.setdefault(f"{m.group(1)}.weight", {})[m.group(2)] = name
         return {w: self.scaling * (self.reader.get(ab["B"]).float() @ self.reader.get(ab["A"]).float())
                 for w, ab in pairs.items()}
+
+
+def adapter_rank_and_scaling(cfg: dict, where: Path) -> tuple[int, float]:
+    """peft's `r` (a positive integer) and the delta's scale: lora_alpha / r, or lora_alpha / sqrt(r)
+    under rsLoRA (`lora_alpha` a positive number, peft's default 8 when absent). What a plain
+    B @ A delta cannot express (DoRA, per-module ranks or alphas) is refused, not misread."""
+    r = cfg.get("r")
+    if type(r) is not int or r <= 0:
+        given = "no r" if "r" not in cfg else f"r={r!r}"
+        raise UpcycleError(f"{where}: {given}; a peft adapter config needs the LoRA rank r as a positive integer "
+                           "(re-save the adapter with peft)")
+    alpha = cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    if type(alpha) not in (int, float) or not math.isfinite(alpha) or alpha <= 0:
+        raise UpcycleError(f"{where}: lora_alpha={alpha!r}; it must be a positive number (re-save the adapter with peft)")
+    for key in ("use_dora", "rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise UpcycleError(f"{where}: {key}={cfg[key]!r}; upcycle reads plain LoRA adapters (one rank and alpha, "
+                               "delta = scale * B @ A) and cannot express this one")
+    return r, float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else r)
 
 
 def open_expert(path: str | Path):

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import atomic_write_text
+from upcycle.io.user_files import read_json_object
 
 MANIFEST = "manifest.json"
 
@@ -234,10 +235,9 @@ def validate_manifest(data: dict, stage: str, source: str | Path) -> StageManife
 def json_object(path: Path) -> dict | None:
     """The file's JSON object, or None where it holds something else (invalid JSON, a list, binary)."""
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return read_json_object(path)
+    except UpcycleError:
         return None
-    return data if isinstance(data, dict) else None
 
 
 def read_manifest(folder: str | Path, stage: str | tuple[str, ...], complete: bool = True):
@@ -262,6 +262,25 @@ def read_manifest(folder: str | Path, stage: str | tuple[str, ...], complete: bo
     return record
 
 
+PROGRESS_KEYS = ("checkpoints", "lineage", "owners", "domains", "generated")
+"""Manifest keys that list finished units of work: checkpoints, expansion rounds, seed buckets,
+branch experts, generated data."""
+
+
+def holds_finished_work(folder: Path) -> bool:
+    """Whether a stage folder or a run folder, at any depth (a branch stage's per-domain prepare runs),
+    records a finished unit of work that a rerun would resume from: such a folder is never removed
+    after a failure."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    for path in folder.rglob(MANIFEST):
+        record = json_object(path)
+        if record and (record.get("complete") or any(record.get(k) for k in PROGRESS_KEYS)):
+            return True
+    return False
+
+
 class Manifest:
     """The record a stage is writing: a dict (`data`) that is validated against the stage's typed
     model on every `save` and when an existing folder is reopened."""
@@ -272,12 +291,18 @@ class Manifest:
 
     @classmethod
     def open(cls, folder: str | Path, stage: str, config_hash: str, force: bool = False,
-             initial: dict | None = None) -> "Manifest":
+             initial: dict | None = None, inputs: list | tuple = ()) -> "Manifest":
         """The folder's manifest for this stage and config, or a new one in an empty folder.
 
-        A folder made by another config is refused unless `force`, which clears it first.
+        `inputs` are what the stage reads (upcycle/io/atomic.py's `claim_output`: the folder may not
+        be, hold or lie inside one, --force or not). A folder made by another config is refused
+        unless `force`, which clears it first (an upcycle folder only, unless --force-foreign).
+        Temporaries a killed run of this folder left are removed.
         """
+        from upcycle.io.atomic import claim_output, clear_stale_temporaries_in, make_output_dir
+
         folder = Path(folder)
+        claim_output(folder, inputs, force, resumable=True)
         path = folder / MANIFEST
         if path.is_file():
             data = json_object(path)
@@ -286,6 +311,7 @@ class Manifest:
                                    f"to start the {stage} stage over")
             if data is not None and data.get("stage") == stage and data.get("config_hash") == config_hash:
                 validate_manifest(data, stage, path)
+                clear_stale_temporaries_in(folder)
                 return cls(folder, data)
             if not force:
                 raise UpcycleError(
@@ -293,10 +319,8 @@ class Manifest:
                     f"now {config_hash}); choose another out, or pass --force to start over")
             shutil.rmtree(folder)
         elif folder.is_dir() and any(folder.iterdir()):
-            if not force:
-                raise UpcycleError(f"out {folder}: folder is not empty and has no {MANIFEST}; choose another out or pass --force")
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(folder)  # claim_output allowed it: --force on an upcycle folder (or --force-foreign)
+        make_output_dir(folder)
         m = cls(folder, {"stage": stage, "config_hash": config_hash, "complete": False, "checkpoints": [], **(initial or {})})
         m.save()
         return m

@@ -300,9 +300,12 @@ def results_of(cfgs: dict, out: Path) -> dict:
 
 
 def _inputs_of(cfg: RunConfig) -> list[Path]:
-    """Paths a run reads and must never write over: the base folder and data files (not bundled ones)."""
-    names = [cfg.base, *cfg.data.train, *(cfg.data.eval or [])]
-    return [Path(n) for n in names if not n.startswith("bundled:") and n != "suite"]
+    """Paths a run reads and must never write over: the base folder, a dense model post_train
+    upcycles, the data files (not bundled models, not the built-in suite)."""
+    names = [cfg.base, *cfg.data.local_files()]
+    if "post_train" in cfg.stages and cfg.post_train.dense and not cfg.post_train.dense.startswith(("@", "prepare:")):
+        names.append(cfg.post_train.dense)
+    return [Path(n) for n in names if not n.startswith("bundled:")]
 
 
 def _refusals(cfgs: dict, record: dict, out: Path, redo: list[str]) -> list[str]:
@@ -366,10 +369,15 @@ def run(cfg: RunConfig, progress: bool = True, redo: list[str] | None = None) ->
 def _plan(cfg: RunConfig, cfgs: dict, redo: list[str], lock: contextlib.ExitStack) -> tuple[dict, list[str]]:
     """Rank 0, before any stage: check the base and the folder, take the lock (held in `lock` until
     the run ends), clear what --redo names; return the run record and the stages still to run."""
-    from upcycle.io.atomic import check_not_an_input, output_lock
+    from upcycle.io.atomic import check_not_an_input, make_output_dir, output_lock
+
+    from upcycle.data.check import config_data_problems
 
     out = Path(cfg.out)
     check_base(cfg)  # the recipe itself was checked when it was built (RunConfig's validators)
+    problems = config_data_problems(cfg)  # the data files, and the seed set against their rows
+    if problems:
+        raise UpcycleError(*problems)
     if cfg.evaluate:
         from upcycle.eval.sandbox import require_isolation
         require_isolation()  # scoring the suite's code domain needs the sandbox: refuse now, not after training
@@ -389,7 +397,7 @@ def _plan(cfg: RunConfig, cfgs: dict, redo: list[str], lock: contextlib.ExitStac
         problems = _refusals(cfgs, record, out, redo)
         if problems:
             raise UpcycleError(*problems)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
     dump_config(cfg, out / "recipe_resolved.yaml")
     if redo:
         first = min(ORDER.index(r) for r in redo)

@@ -43,8 +43,13 @@ def iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
     if path.is_dir():
         yield from _iter_datasets_folder(path)
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise UpcycleError(f"data {path}:{lineno}: not UTF-8 text (a binary file?); give a JSONL file, "
+                                       "one JSON object per line") from None
                 if not line.strip():
                     continue
                 try:
@@ -53,7 +58,9 @@ def iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
                     yield f"{path}:{lineno}", BadRow(f"not valid JSON ({e.msg})")
     elif path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise UpcycleError(f"data {path}: not UTF-8 text (a binary file?); give a JSON list of rows") from None
         except json.JSONDecodeError as e:
             raise UpcycleError(f"data {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -66,7 +73,17 @@ def iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
         raise UpcycleError(f"data {path}: unknown file type {path.suffix!r}; use .jsonl, .json or a datasets folder")
 
 
-def _iter_datasets_folder(path: Path) -> Iterator[tuple[str, Any]]:
+def count_rows(path: Path) -> int:
+    """How many rows a data file or folder holds, without building conversations."""
+    if path.is_dir():
+        return sum(1 for _ in _iter_datasets_folder(path, rows=False))
+    if path.suffix == ".jsonl":
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    return sum(1 for _ in iter_rows(path))
+
+
+def _iter_datasets_folder(path: Path, rows: bool = True) -> Iterator[tuple[str, Any]]:
     try:
         from datasets import load_from_disk
     except ImportError:
@@ -79,6 +96,9 @@ def _iter_datasets_folder(path: Path) -> Iterator[tuple[str, Any]]:
         if "train" not in ds:
             raise UpcycleError(f"data {path}: a DatasetDict without a 'train' split ({list(ds.keys())})")
         ds = ds["train"]
+    if not rows:  # only the count
+        yield from ((f"{path}[{i}]", None) for i in range(len(ds)))
+        return
     for i, row in enumerate(ds):
         yield f"{path}[{i}]", row
 

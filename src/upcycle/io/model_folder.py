@@ -16,7 +16,7 @@ import torch
 
 from upcycle.dense_config import normalize_config, read_config_json
 from upcycle.errors import UpcycleError
-from upcycle.io.safetensors_io import DTYPE_NAMES, SafetensorsReader, check_dtype
+from upcycle.io.safetensors_io import DTYPE_NAMES, SafetensorsReader, check_dtype, check_finite
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -30,6 +30,7 @@ class PickleReader:
 
     def __init__(self, files: list[Path]):
         self.state: dict[str, torch.Tensor] = {}
+        self.files: dict[str, Path] = {}
         for f in files:
             try:
                 part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -38,6 +39,7 @@ class PickleReader:
             for name, t in part.items():  # the same dtype rule as safetensors weights (no int8/float8)
                 check_dtype(f, name, DTYPE_NAMES.get(t.dtype, str(t.dtype)))
             self.state.update(part)
+            self.files.update({name: f for name in part})
         self.tensors = {k: v for k, v in self.state.items()}
 
     def __contains__(self, name: str) -> bool:
@@ -47,7 +49,7 @@ class PickleReader:
         return list(self.state)
 
     def get(self, name: str) -> torch.Tensor:
-        return self.state[name]
+        return check_finite(self.files[name], name, self.state[name])
 
 
 class ModelFolder:
@@ -124,3 +126,31 @@ class ModelFolder:
             with open(f, "rb") as fh:
                 h.update(fh.read(1 << 20))
         return h.hexdigest()[:16]
+
+
+QUICK_SAMPLES = 16
+QUICK_CHUNK = 1 << 16
+
+
+def quick_fingerprint(files: list[Path]) -> str:
+    """Names, sizes and QUICK_SAMPLES chunks spread over each file: equal for identical files and
+    almost never for different ones (a candidate for `content_digest`, which decides)."""
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for i in range(QUICK_SAMPLES):
+                fh.seek(size * i // QUICK_SAMPLES)
+                h.update(fh.read(QUICK_CHUNK))
+    return h.hexdigest()
+
+
+def content_digest(files: list[Path]) -> str:
+    """sha256 over the whole content of the files (reads every byte: use on candidates only)."""
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()

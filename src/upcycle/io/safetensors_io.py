@@ -129,9 +129,21 @@ def read_header(path: Path, allowed: frozenset[str] = WEIGHT_DTYPES) -> tuple[di
     return {name: infos[name] for name in header}, metadata
 
 
+def check_finite(path: Path, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Refuse a weight holding NaN or inf, naming the file and tensor: a diverged or corrupted
+    checkpoint would otherwise be copied or merged silently into every output built from it."""
+    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise UpcycleError(f"{path}: tensor {name!r} holds {bad} NaN/inf value{'s' if bad > 1 else ''} of "
+                           f"{tensor.numel()}; a diverged or corrupted checkpoint: retrain or re-download it, or "
+                           "leave it out")
+    return tensor
+
+
 class SafetensorsReader:
     """All tensors of one or more safetensors files, read lazily by name; every header is checked
-    when the reader is made. `dtypes`: the dtype codes accepted (model weights by default)."""
+    when the reader is made, and every tensor is checked for NaN/inf as it is read (`check_finite`:
+    no second read). `dtypes`: the dtype codes accepted (model weights by default)."""
 
     def __init__(self, files: Iterable[Path], dtypes: frozenset[str] = WEIGHT_DTYPES):
         self.tensors: dict[str, TensorInfo] = {}
@@ -157,7 +169,7 @@ class SafetensorsReader:
                 raise UpcycleError(f"{info.file}: truncated while reading {name!r}")
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return check_finite(info.file, name, torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape))
 
 
 def release_memory() -> None:

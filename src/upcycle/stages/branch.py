@@ -28,7 +28,7 @@ import torch
 from upcycle.config import BranchConfig, PrepareConfig, config_hash, dump_config
 from upcycle.data import self_generate as sg
 from upcycle.errors import UpcycleError
-from upcycle.io.atomic import atomic_write_text
+from upcycle.io.atomic import atomic_write_text, claim_output
 from upcycle.manifest import Manifest, read_manifest, resolve_path, sha256_files, stored_path
 
 DATA = "data"
@@ -78,19 +78,21 @@ def run(cfg: BranchConfig, progress: bool = True) -> dict:
     if cfg.base is None or cfg.out is None:
         raise UpcycleError("branch: base= and out= are required")
     dist.init()
+    out = Path(cfg.out)
 
     def inputs():  # data errors before anything is written, shown once
         base = check_base(cfg.base)
+        claim_output(out, [base, *cfg.data.local_files()], cfg.force, resumable=True)
         groups = domain_rows(cfg, AutoTokenizer.from_pretrained(base))
         seeds = {d: sg.pick_seeds(convs, cfg.seed_per_domain, cfg.seed, d) for d, convs in groups.items()} \
             if cfg.data_source == "self_generated" else {}
         return base, groups, seeds
 
     base, groups, seeds = dist.rank_zero_first(inputs)
-    out = Path(cfg.out)
 
     def open_folder() -> Manifest:
-        m = Manifest.open(out, "branch", config_hash(cfg), force=cfg.force, initial={"base": stored_path(base, out)})
+        m = Manifest.open(out, "branch", config_hash(cfg), force=cfg.force, inputs=[base, *cfg.data.local_files()],
+                          initial={"base": stored_path(base, out)})
         if not (out / "upcycle_config.yaml").exists():
             dump_config(cfg, out / "upcycle_config.yaml")
         (out / DATA).mkdir(exist_ok=True)

@@ -21,7 +21,7 @@ from upcycle.config import BuildConfig, dump_config
 from upcycle.dense_config import unknown_key_problems
 from upcycle.errors import UpcycleError
 from upcycle.export.save import format_name, resolve_format, write_moe_folder
-from upcycle.io.atomic import check_output_dir
+from upcycle.io.atomic import claim_output
 from upcycle.io.model_folder import ModelFolder
 from upcycle.moe.experts import PROJS
 from upcycle.moe.init import MLPWeights
@@ -63,7 +63,7 @@ class BuildPlan:
         except UpcycleError as e:
             problems.extend(e.problems)
         try:
-            check_output_dir(Path(cfg.out), cfg.force, inputs=[cfg.base])
+            claim_output(cfg.out, [cfg.base], cfg.force)
         except UpcycleError as e:
             problems.extend(e.problems)
         if problems:

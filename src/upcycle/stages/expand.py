@@ -28,7 +28,7 @@ from upcycle.config import ExpandConfig, config_hash, dump_config
 from upcycle.devices import accelerator
 from upcycle.errors import UpcycleError
 from upcycle.experts import Key, ffn_name, lora_factors_from_delta, open_expert
-from upcycle.io.atomic import atomic_dir
+from upcycle.io.atomic import atomic_dir, claim_output
 from upcycle.io.model_folder import ModelFolder
 from upcycle.io.safetensors_io import PlannedTensor, ShardedWriter, release_memory
 from upcycle.manifest import Manifest, read_manifest, resolve_path, sha256_files, stored_path
@@ -203,13 +203,15 @@ def _expand(cfg: ExpandConfig, progress: bool) -> dict:
     if problems:
         raise UpcycleError(*problems)
     base_path = resolve_path(prep.base, cfg.prepare)
+    inputs = [cfg.prepare, base_path, *(Path(cfg.prepare) / c.path for c in selected)]
+    claim_output(cfg.out, inputs, cfg.force, resumable=True)
     base_folder = ModelFolder(base_path)
     base_reader = base_folder.reader()
     experts = [open_expert(Path(cfg.prepare) / c.path) for c in selected]
     keys = check_pool(experts, base_reader)
 
     out = Path(cfg.out)
-    manifest = Manifest.open(out, "expand", config_hash(cfg), force=cfg.force, initial={
+    manifest = Manifest.open(out, "expand", config_hash(cfg), force=cfg.force, inputs=inputs, initial={
         "base": stored_path(base_path, out), "kind": experts[0].kind, "num_experts": cfg.num_experts,
         "experts": [{"index": i, "origin": "checkpoint", "checkpoint": c.index, "epoch": c.epoch,
                      "path": stored_path(Path(cfg.prepare) / c.path, out), "sha256": c.sha256}

@@ -26,7 +26,7 @@ from upcycle.errors import UpcycleError
 from upcycle.export.model_card import merge_card
 from upcycle.export.plan import PlanEntry, write_plan
 from upcycle.export.save import TORCH_DTYPES
-from upcycle.io.atomic import atomic_dir, check_output_dir
+from upcycle.io.atomic import atomic_dir, claim_output
 from upcycle.io.model_folder import ModelFolder
 from upcycle.io.safetensors_io import release_memory
 from upcycle.merge.methods import METHODS, MergeParams, merge_tensor
@@ -59,8 +59,9 @@ def check_finite(name: str, merged: torch.Tensor, cfg: MergeConfig) -> None:
 def run(cfg: MergeConfig, progress: bool = True) -> dict:
     started = time.perf_counter()
     method = METHODS[cfg.method]
-    check_output_dir(Path(cfg.out), cfg.force)
     model_paths = [resolve_model(m.path) for m in cfg.models]
+    inputs = [*model_paths, resolve_model(cfg.base) if cfg.base is not None else None]
+    claim_output(cfg.out, inputs, cfg.force)
     folders = [ModelFolder(p, allow_pickle=cfg.allow_pickle, what="model") for p in model_paths]
     base_folder = ModelFolder(resolve_model(cfg.base), allow_pickle=cfg.allow_pickle) if method.uses_base else None
     readers = [f.reader() for f in folders]
@@ -87,7 +88,7 @@ def run(cfg: MergeConfig, progress: bool = True) -> dict:
         check_finite(name, merged, cfg)
         return merged
 
-    with atomic_dir(cfg.out, force=cfg.force) as tmp:
+    with atomic_dir(cfg.out, force=cfg.force, inputs=inputs) as tmp:
         files = write_plan(plan, tmp, parse_size(cfg.max_shard_size), provider, progress=progress, desc=f"merging ({cfg.method})")
         config = dict(ref_folder.config)
         if out_dtype is not None:

@@ -22,8 +22,8 @@ reads from an expand stage (`base`, `kind`, `experts`), so a recipe post-trains 
 
 from __future__ import annotations
 
-import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,6 +34,7 @@ from upcycle.config import MixConfig, MoESpec, config_hash, dump_config
 from upcycle.errors import UpcycleError
 from upcycle.experts import FFN_RE, LoRAExpert, open_expert
 from upcycle.io.model_folder import ModelFolder
+from upcycle.io.user_files import read_json_object
 from upcycle.manifest import Manifest, read_manifest, resolve_path, stored_path
 from upcycle.moe.experts import PROJS
 from upcycle.seeding import generator
@@ -74,7 +75,8 @@ class Mixture:
         return self.base.config
 
 
-def open_mixture(base: str | Path, paths: list[str], check_base: bool = True, max_drift: float = 1.0) -> Mixture:
+def open_mixture(base: str | Path, paths: list[str], check_base: bool = True, max_drift: float = 1.0,
+                 allow_duplicates: bool = False) -> Mixture:
     from upcycle.bundled import resolve_model
 
     if not paths:
@@ -92,6 +94,12 @@ def open_mixture(base: str | Path, paths: list[str], check_base: bool = True, ma
     kind = kinds.pop()
     check = _check_lora if kind == "lora" else _check_ffn
     checks = [check(base_folder, e, i, check_base, max_drift) for i, e in enumerate(experts)]
+    for i, j in duplicate_experts(experts):
+        message = (f"experts[{j}] {paths[j]}: the same expert as experts[{i}] {paths[i]} (identical weights); two "
+                   "copies of one expert only split its tokens")
+        if not allow_duplicates:
+            raise UpcycleError(f"{message}; remove one, or pass --allow-duplicate-experts if this is intended")
+        warnings.warn(message)
     first = set(experts[0].keys)
     for i, e in enumerate(experts[1:], 1):
         if set(e.keys) != first:
@@ -112,6 +120,24 @@ def open_mixture(base: str | Path, paths: list[str], check_base: bool = True, ma
     return Mixture(base_folder, experts, kind, layers, targets, rank, checks)
 
 
+def duplicate_experts(experts: list) -> list[tuple[int, int]]:
+    """Pairs (i, j), i < j, of experts with the same weights: the same folder, or byte-identical
+    weight files. A cheap fingerprint (sizes, headers, sampled chunks) finds candidates; only
+    those are hashed whole, so distinct multi-GB experts are never read twice."""
+    from upcycle.io.model_folder import content_digest, quick_fingerprint
+
+    files = [expert.weight_files() for expert in experts]
+    quick = [quick_fingerprint(f) for f in files]
+    pairs = []
+    for j in range(len(experts)):
+        for i in range(j):
+            same_folder = experts[i].path.resolve() == experts[j].path.resolve()
+            if same_folder or (quick[i] == quick[j] and content_digest(files[i]) == content_digest(files[j])):
+                pairs.append((i, j))
+                break
+    return pairs
+
+
 def _first_config_difference(base: dict, other: dict) -> str | None:
     for key in SHAPE_KEYS:
         if base.get(key) != other.get(key):
@@ -125,7 +151,7 @@ def _check_ffn(base: ModelFolder, expert, i: int, check_base: bool, max_drift: f
     where = f"experts[{i}] {expert.path}"
     cfg_path = expert.path / "config.json"
     if cfg_path.is_file():
-        diff = _first_config_difference(base.config, json.loads(cfg_path.read_text()))
+        diff = _first_config_difference(base.config, read_json_object(cfg_path, "model config (config.json)"))
         if diff:
             raise UpcycleError(f"{where}: not a fine-tune of the base: {diff}")
     base_reader = base.reader()
@@ -147,7 +173,7 @@ def _check_ffn(base: ModelFolder, expert, i: int, check_base: bool, max_drift: f
             w0 = base_reader.get(name).float()
             d = ((expert.reader.get(name).float() - w0).norm() / w0.norm().clamp_min(1e-12)).item()
             drift[name] = d
-            if d > max_drift:
+            if not d <= max_drift:  # NaN counts as too far (the readers refuse non-finite weights first)
                 raise UpcycleError(f"{where}: tensor {name} is {d:.3g} of the base's norm away from it (more than "
                                    f"max_drift={max_drift}): not a fine-tune of this base; pass the right base, or "
                                    "raise max_drift / set check_base=false if the fine-tune moved that far")
@@ -372,15 +398,27 @@ def prompt_routers(model, cfg: MixConfig, tokenizer) -> dict[int, torch.Tensor]:
     return routers
 
 
-def ppl_routers(model, cfg: MixConfig, tokenizer, out: Path, progress: bool) -> tuple[dict[int, torch.Tensor], dict]:
-    """UpIT stage 3 on the mixed experts, with the route stage's own functions (upcycle/routing/,
-    upcycle/train/trainer.py): seed samples, the perplexity of each under every expert alone,
-    buckets, then router pre-training (routers only)."""
+def seed_samples(cfg: MixConfig, tokenizer) -> list:
+    """router_init=ppl: the seed samples drawn from the given data (read before anything is written)."""
     from upcycle.data.build import build_datasets
+    from upcycle.routing.buckets import seed_indices
+
+    p = cfg.ppl
+    data = build_datasets(cfg.data.model_copy(update={"eval_fraction": 0.0, "packing": False}), tokenizer, cfg.seed)
+    chosen = seed_indices(len(data.train), SimpleNamespace(seed=cfg.seed, seed_count=p.seed_count,
+                                                           seed_fraction=p.seed_fraction))
+    return [data.train.samples[i] for i in chosen]
+
+
+def ppl_routers(model, cfg: MixConfig, samples: list, tokenizer, out: Path, progress: bool
+                ) -> tuple[dict[int, torch.Tensor], dict]:
+    """UpIT stage 3 on the mixed experts, with the route stage's own functions (upcycle/routing/,
+    upcycle/train/trainer.py): the perplexity of each seed sample under every expert alone,
+    buckets, then router pre-training (routers only)."""
     from upcycle.data.dataset import Collator, InstructionDataset
     from upcycle.devices import fp32_master_weights
     from upcycle.moe.model import moe_blocks
-    from upcycle.routing.buckets import assign_buckets, fill_empty_buckets, seed_indices
+    from upcycle.routing.buckets import assign_buckets, fill_empty_buckets
     from upcycle.routing.loss import router_loss
     from upcycle.routing.scoring import owner_share, score_experts
     from upcycle.train.engine import training_arguments
@@ -388,15 +426,6 @@ def ppl_routers(model, cfg: MixConfig, tokenizer, out: Path, progress: bool) -> 
 
     p = cfg.ppl
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    from upcycle import distributed as dist
-
-    def seed_data():  # rank 0 first: a data error is shown once
-        data = build_datasets(cfg.data.model_copy(update={"eval_fraction": 0.0, "packing": False}), tokenizer, cfg.seed)
-        return data, seed_indices(len(data.train), SimpleNamespace(seed=cfg.seed, seed_count=p.seed_count,
-                                                                    seed_fraction=p.seed_fraction))
-
-    data, chosen = dist.rank_zero_first(seed_data)
-    samples = [data.train.samples[i] for i in chosen]
     domains = [s.meta.get("domain") for s in samples]
     n, k = model.upcycle_spec.num_experts, model.upcycle_spec.top_k
     ppl = score_experts(model, samples, n, p.score_batch_size, pad, progress)
@@ -449,35 +478,38 @@ def run(cfg: MixConfig, progress: bool = True, method: str = "mix") -> dict:
     from transformers import AutoTokenizer
 
     from upcycle import distributed as dist
+    from upcycle.bundled import resolve_model
     from upcycle.export.save import resolve_format, write_moe_folder
-    from upcycle.io.atomic import check_output_dir
+    from upcycle.io.atomic import atomic_write_file, claim_output
 
     started = time.perf_counter()
     if cfg.base is None or cfg.out is None:
         raise UpcycleError("mix: base= and out= are required")
     dist.init()
+    out = Path(cfg.out)
 
-    def inputs():
+    def inputs():  # every input checked, the seed data read, before anything is written
         paths = expert_paths(cfg)
-        mix = open_mixture(cfg.base, paths, cfg.check_base, cfg.max_drift)
+        reads = [resolve_model(cfg.base), *paths, cfg.branch, *cfg.data.local_files()]
+        claim_output(out, reads, cfg.force, resumable=True)
+        mix = open_mixture(cfg.base, paths, cfg.check_base, cfg.max_drift, cfg.allow_duplicate_experts)
         spec = mix_spec(mix, cfg.moe)
         if cfg.prompts is not None and cfg.router_init in ("prompts", "cheap_embed") and len(cfg.prompts) != len(paths):
             raise UpcycleError(f"prompts: {len(cfg.prompts)} entries for {len(paths)} experts; give one per expert")
         target = resolve_format(cfg.export.format, mix.config, spec, cfg.export.lora_storage)
-        check_output_dir(Path(cfg.out), True, inputs=[mix.base.path, *paths])
-        return paths, mix, spec, target
+        tokenizer = AutoTokenizer.from_pretrained(mix.base.path)
+        samples = seed_samples(cfg, tokenizer) if cfg.router_init == "ppl" else []
+        return paths, reads, mix, spec, target, tokenizer, samples
 
-    paths, mix, spec, target = dist.rank_zero_first(inputs)
-    out = Path(cfg.out)
-    inputs = [mix.base.path, *paths]
-    manifest = dist.on_rank_zero_then_wait(lambda: Manifest.open(out, "mix", config_hash(cfg), force=cfg.force, initial={
-        "base": stored_path(mix.base.path, out), "kind": mix.kind,
-        "experts": [{"path": stored_path(p, out), "origin": "checkpoint"} for p in paths]}))
+    paths, reads, mix, spec, target, tokenizer, samples = dist.rank_zero_first(inputs)
+    manifest = dist.on_rank_zero_then_wait(lambda: Manifest.open(
+        out, "mix", config_hash(cfg), force=cfg.force, inputs=reads, initial={
+            "base": stored_path(mix.base.path, out), "kind": mix.kind,
+            "experts": [{"path": stored_path(p, out), "origin": "checkpoint"} for p in paths]}))
     if manifest.complete:
         return {"out": str(out), "model": str(out / MODEL), **{k: manifest.data.get(k) for k in ("format", "routing")}}
     if dist.is_main() and not (out / "upcycle_config.yaml").exists():
         dump_config(cfg, out / "upcycle_config.yaml")
-    tokenizer = AutoTokenizer.from_pretrained(mix.base.path)
     source = MixSource(mix, cfg.shared)
     report: dict = {}
     if cfg.router_init == "random":
@@ -490,12 +522,12 @@ def run(cfg: MixConfig, progress: bool = True, method: str = "mix") -> dict:
         if cfg.router_init == "prompts":
             source.routers = prompt_routers(model, cfg, tokenizer)
         else:
-            source.routers, report = ppl_routers(model, cfg, tokenizer, out, progress)
+            source.routers, report = ppl_routers(model, cfg, samples, tokenizer, out, progress)
         del model
 
     def write() -> dict:  # rank 0: the routers and the model folder
-        save_file({f"model.layers.{l}.mlp.router.weight": w.contiguous() for l, w in source.routers.items()},
-                  out / ROUTERS, metadata={"format": "pt"})
+        routers = {f"model.layers.{l}.mlp.router.weight": w.contiguous() for l, w in source.routers.items()}
+        atomic_write_file(out / ROUTERS, lambda tmp: save_file(routers, tmp, metadata={"format": "pt"}))
 
         def extra(tmp: Path) -> None:
             mix.base.copy_tokenizer(tmp)
@@ -515,7 +547,7 @@ def run(cfg: MixConfig, progress: bool = True, method: str = "mix") -> dict:
         written = write_moe_folder(out / MODEL, target=target, dense_cfg=mix.config, spec=spec, moe_layers=mix.layers,
                                    passthrough=passthrough(mix), provider=source, moe_dtype=moe_dtype, export=cfg.export,
                                    force=True, extra=extra, provenance=provenance, base_ref=base_ref, progress=progress,
-                                   card=card_info(cfg, mix, method), inputs=inputs)
+                                   card=card_info(cfg, mix, method), inputs=reads)
         manifest.data.update(format=written["format"], files=written["files"], parameters=written["parameters"],
                              checks=[{**c, "expert": stored_path(c["expert"], out)} for c in mix.checks],
                              routing=report, complete=True)

@@ -21,6 +21,7 @@ import torch
 
 from upcycle.config import PostTrainConfig, config_hash, dump_config
 from upcycle.errors import UpcycleError
+from upcycle.io.atomic import claim_output
 from upcycle.manifest import Manifest, read_manifest, resolve_path
 
 CHECKPOINTS = "checkpoints"
@@ -56,6 +57,22 @@ def dense_source(spec: str) -> tuple[Path, Path]:
             model.save_pretrained(tmp)
             AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
     return merged, merged
+
+
+def stage_inputs(cfg: PostTrainConfig) -> list:
+    """What this stage reads, which its out folder may never be, hold or lie inside."""
+    inputs: list = cfg.data.local_files()
+    if cfg.source == "upit" and cfg.expand is not None:
+        from upcycle.moe.assemble import pool_from_expand
+
+        pool = pool_from_expand(cfg.expand)
+        inputs += [cfg.expand, cfg.route, pool.base, *(e.path for e in pool.experts)]
+    elif cfg.dense is not None and cfg.dense.startswith("prepare:"):
+        folder = Path(cfg.dense.removeprefix("prepare:"))
+        inputs += [folder, resolve_path(read_manifest(folder, "prepare").base, folder)]
+    elif cfg.dense is not None and not cfg.dense.startswith("bundled:"):
+        inputs.append(cfg.dense)
+    return inputs
 
 
 def build_model(cfg: PostTrainConfig):
@@ -191,6 +208,8 @@ def run(cfg: PostTrainConfig, progress: bool = True, callbacks: list | None = No
     if cfg.out is None:
         raise UpcycleError("post_train: out= is required")
     dist.init()
+    out = Path(cfg.out)
+    dist.on_rank_zero_then_wait(lambda: claim_output(out, stage_inputs(cfg), cfg.force, resumable=True))  # before loading
 
     def inputs():  # every rank loads them, after rank 0 has checked them (an error is shown once)
         model, token_source = build_model(cfg)
@@ -199,10 +218,10 @@ def run(cfg: PostTrainConfig, progress: bool = True, callbacks: list | None = No
 
     model, token_source, tokenizer, data = dist.rank_zero_first(inputs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = Path(cfg.out)
 
     def open_folder() -> Manifest:
-        m = Manifest.open(out, "post_train", config_hash(cfg), force=cfg.force, initial={"source": cfg.source})
+        m = Manifest.open(out, "post_train", config_hash(cfg), force=cfg.force, inputs=stage_inputs(cfg),
+                          initial={"source": cfg.source})
         if not (out / "upcycle_config.yaml").exists():
             dump_config(cfg, out / "upcycle_config.yaml")
         return m

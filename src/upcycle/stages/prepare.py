@@ -18,6 +18,7 @@ from pathlib import Path
 
 from upcycle.config import PrepareConfig, config_hash, dump_config
 from upcycle.errors import UpcycleError
+from upcycle.io.atomic import claim_output
 from upcycle.manifest import Manifest, stored_path
 from upcycle.train.checkpoints import clean_unlisted_checkpoints, make_recorder
 from upcycle.train.dense import check_base, load_model
@@ -40,13 +41,15 @@ def run(cfg: PrepareConfig, progress: bool = True, anchor: Path | None = None) -
     if cfg.base is None or cfg.out is None:
         raise UpcycleError("prepare: base= and out= are required")
     dist.init()
+    out = Path(cfg.out)
     base = dist.rank_zero_first(lambda: check_base(cfg.base))
+    inputs = [base, *cfg.data.local_files()]
+    dist.on_rank_zero_then_wait(lambda: claim_output(out, inputs, cfg.force, resumable=True))  # before loading anything
     tokenizer = AutoTokenizer.from_pretrained(base)
     data = dist.rank_zero_first(lambda: build_datasets(cfg.data, tokenizer, cfg.seed))  # errors before any write
-    out = Path(cfg.out)
 
     def open_folder() -> Manifest:
-        m = Manifest.open(out, "prepare", config_hash(cfg, anchor=anchor), force=cfg.force,
+        m = Manifest.open(out, "prepare", config_hash(cfg, anchor=anchor), force=cfg.force, inputs=inputs,
                           initial={"mode": cfg.mode, "base": stored_path(base, out)})
         if not (out / "upcycle_config.yaml").exists():
             dump_config(cfg, out / "upcycle_config.yaml")

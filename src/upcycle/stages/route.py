@@ -25,7 +25,7 @@ import torch
 from upcycle.config import RouteConfig, config_hash, dump_config
 from upcycle.devices import accelerator, cast_parameters, fp32_master_weights
 from upcycle.errors import UpcycleError
-from upcycle.io.atomic import atomic_write_text
+from upcycle.io.atomic import atomic_write_file, atomic_write_text, claim_output
 from upcycle.manifest import Manifest, stored_path
 from upcycle.routing.buckets import assign_buckets, fill_empty_buckets, seed_indices
 from upcycle.routing.loss import router_loss
@@ -54,6 +54,13 @@ def run(cfg: RouteConfig, progress: bool = True) -> dict:
     if cfg.expand is None or cfg.out is None:
         raise UpcycleError("route: expand= and out= are required")
     dist.init()
+    out = Path(cfg.out)
+
+    def stage_inputs() -> list:  # what route reads: the pool's folder, base and experts, the data
+        pool = pool_from_expand(cfg.expand)
+        return [cfg.expand, pool.base, *(e.path for e in pool.experts), *cfg.data.local_files()]
+
+    dist.on_rank_zero_then_wait(lambda: claim_output(out, stage_inputs(), cfg.force, resumable=True))  # before loading
 
     def inputs():  # every rank loads them, after rank 0 has checked them (an error is shown once)
         pool = pool_from_expand(cfg.expand)
@@ -69,10 +76,9 @@ def run(cfg: RouteConfig, progress: bool = True) -> dict:
     samples = [data.train.samples[i] for i in chosen]
     domains = [s.meta.get("domain") for s in samples]
 
-    out = Path(cfg.out)
-
     def open_folder() -> Manifest:
-        m = Manifest.open(out, "route", config_hash(cfg), force=cfg.force, initial={"expand": stored_path(cfg.expand, out)})
+        m = Manifest.open(out, "route", config_hash(cfg), force=cfg.force, inputs=stage_inputs(),
+                          initial={"expand": stored_path(cfg.expand, out)})
         if not (out / "upcycle_config.yaml").exists():
             dump_config(cfg, out / "upcycle_config.yaml")
         return m
@@ -131,9 +137,7 @@ def run(cfg: RouteConfig, progress: bool = True) -> dict:
         cast_parameters(model, dtype)
 
         def write_routers() -> None:
-            tmp = out / f".{ROUTERS}.tmp"
-            save_file(routers, tmp, metadata={"format": "pt"})
-            tmp.replace(out / ROUTERS)
+            atomic_write_file(out / ROUTERS, lambda tmp: save_file(routers, tmp, metadata={"format": "pt"}))
             if cfg.trainable == "routers_and_experts":
                 from upcycle.export.save import save_moe
                 save_moe(model, out / "moe", format="upcycle", force=True, progress=False)
