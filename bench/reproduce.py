@@ -68,10 +68,9 @@ PROFILES = {
     "smollm2": Profile(
         recipes=LORA_TABLE + LORA_ABLATIONS, train_per_domain=28, eval_items=None, data_scaling=[], expert_scaling=[],
         overrides=["base=bundled:smollm2", "data.suite.mix=smol", "data.suite.test_per_domain=100",
-                   "prepare.train.batch_size=8", f"prepare.train.lr={SMOL_LR}", "prepare.save_every=0.5",
+                   "prepare.train.batch_size=8", f"prepare.train.lr={SMOL_LR}",
                    "post_train.train.batch_size=8", f"post_train.train.lr={SMOL_LR}", "post_train.save_every=2.0",
-                   "branch.train.batch_size=8", f"branch.train.lr={SMOL_LR}",
-                   "route.seed_count=24", "route.train.epochs=2"],
+                   "branch.train.batch_size=8", f"branch.train.lr={SMOL_LR}"],
         per_recipe={"dense_lora": ["prepare.save_every=4.0"],       # only the final model is scored
                     "loramoe_sft": ["post_train.save_every=4.0"]},
         untuned=True, share_stages=True),

@@ -209,15 +209,15 @@ def test_validate_opens_the_data_files_and_checks_sizes_against_them(tmp_path, c
     line = one_error(capsys, ["validate", recipe, f"data.train=[{missing}]"])
     assert str(missing) in line and "not found" in line
     line = one_error(capsys, ["validate", recipe, "route.seed_count=1000000000"])
-    assert "route.seed_count" in line and "800 training rows" in line
+    assert "route.seed_count" in line and "800 training samples" in line
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n" + json.dumps({"question": "no schema"}) + "\n")
     line = one_error(capsys, ["validate", recipe, f"data.train=[{rows}]", "route.seed_count=1"])
     assert f"{rows}:2" in line and "no 'instruction'" in line
     few = tmp_path / "few.jsonl"
     few.write_text("".join(json.dumps({"instruction": f"q{i}", "output": "a"}) + "\n" for i in range(10)))
-    line = one_error(capsys, ["validate", recipe, f"data.train=[{few}]"])  # 5 % of 10 rows: no seed sample
-    assert "route.seed_fraction" in line and "10 training rows" in line
+    line = one_error(capsys, ["validate", recipe, f"data.train=[{few}]", "route.min_seed_per_expert=0"])
+    assert "route.seed_fraction" in line and "10 training samples" in line  # 5 % of 10 rows, no floor: none
     assert main(["validate", str(recipe), f"data.train=[{few}]", "route.seed_count=4"]) == 0
 
 

@@ -231,10 +231,11 @@ def test_upit_lora_bf16_end_to_end_close_to_fp32(llama_dir, tmp_path):
         with torch.no_grad():
             logits[p] = model(ids).logits.float()
     assert torch.isfinite(logits["bf16"]).all()
-    # Measured: max |diff| 0.056, mean 0.0096, with the fp32 logits' std 0.85 (6.5% and 1.1% of it);
-    # the bounds leave about twice that.
+    # Measured: max |diff| 18% and mean 1.6% of the fp32 logits' std (6.5% and 1.1% before stage 1's
+    # first step trained at a non-zero rate and LoRA experts kept their own alpha/r: more training,
+    # more bf16 rounding carried through three stages); the bounds leave about 1.7x that.
     spread, diff = logits["fp32"].std(), (logits["bf16"] - logits["fp32"]).abs()
-    assert diff.max() < 0.15 * spread and diff.mean() < 0.025 * spread
+    assert diff.max() < 0.3 * spread and diff.mean() < 0.03 * spread
 
 
 # ------------------------------------------------------------------------------ checkpoint hashing off the training thread

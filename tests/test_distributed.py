@@ -230,4 +230,4 @@ def test_a_bad_input_found_late_in_a_recipe_is_shown_once(upit_lora_runs, tmp_pa
         shutil.rmtree(out)
         shutil.copytree(tmp_path / "kept", out)
     assert proc.returncode != 0
-    assert proc.stderr.count("seed_count: 1000 is more than the 32 training rows") == 1, proc.stderr[-2000:]
+    assert proc.stderr.count("seed_count: 1000 is more than the 32 training samples") == 1, proc.stderr[-2000:]

@@ -168,7 +168,7 @@ def test_random_parents_are_drawn_by_seed_not_by_similarity(tmp_path, base_dir):
     assert pairs["r0"] != pairs["greedy"] and pairs["r1"] != pairs["r0"]
 
 
-def test_lora_children_merge_in_delta_space(tmp_path, base_dir):
+def test_delta_svd_children_merge_in_delta_space(tmp_path, base_dir):
     rank = 2
 
     def lora_tv(seed):
@@ -180,10 +180,11 @@ def test_lora_children_merge_in_delta_space(tmp_path, base_dir):
 
     prep = fake_prepare(tmp_path, base_dir, [lora_tv(s) for s in range(3)], lora=rank)
     # Exact storage: rank >= min(in, out) = 8 keeps the full merged delta.
-    expand.run(ExpandConfig(prepare=prep, out=tmp_path / "exact", num_experts=4, checkpoints="all", lora_child_rank=8, seed=3),
-               progress=False)
-    # Default: the parents' rank, an SVD approximation with its error recorded.
-    expand.run(ExpandConfig(prepare=prep, out=tmp_path / "approx", num_experts=4, checkpoints="all", seed=3), progress=False)
+    expand.run(ExpandConfig(prepare=prep, out=tmp_path / "exact", num_experts=4, checkpoints="all", lora_child_rank=8, seed=3,
+                            lora_merge="delta_svd"), progress=False)
+    # At the parents' rank: an SVD approximation with its error recorded.
+    expand.run(ExpandConfig(prepare=prep, out=tmp_path / "approx", num_experts=4, checkpoints="all", seed=3,
+                            lora_merge="delta_svd"), progress=False)
     for name in ("exact", "approx"):
         m = json.loads((tmp_path / name / "manifest.json").read_text())
         r = m["lineage"][0]

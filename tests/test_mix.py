@@ -180,3 +180,26 @@ def test_ppl_router_init_runs_on_seed_data(llama_dir, tuned, tmp_path):
     assert all(o == min(range(2), key=lambda e: p[e]) for o, p in zip(report["owners"], report["ppl"])) or report["notes"]
     manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["kind"] == "ffn" and len(manifest["experts"]) == 2
+
+
+def test_lora_experts_keep_their_own_scale_in_the_moe(llama_dir, tuned, tmp_path):
+    """Experts sharing alpha/r keep it in the MoE with B as trained (so post-training moves B as
+    stage 1 did: LoRAMoE and UpIT train at one effective scale); different scales are folded into B."""
+    from safetensors.torch import load_file
+
+    root = tuned["root"]
+    a, b = adapter(llama_dir, root / "s_a", 3, rank=4), adapter(llama_dir, root / "s_b", 4, rank=4)  # alpha 8: scale 2
+    run_mix(llama_dir, [a, b], tmp_path / "same", export={"format": "upcycle", "lora_storage": "compact"})
+    moe = load_moe(tmp_path / "same" / mix.MODEL)
+    assert moe.upcycle_spec.lora.alpha / moe.upcycle_spec.lora.rank == 2.0
+    block = dict(moe_blocks(moe))[0]
+    b_a = load_file(a / "adapter_model.safetensors")["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"]
+    assert torch.equal(block.experts.lora_B["up_proj"][0].detach(), b_a)  # not doubled
+    odd = adapter(llama_dir, root / "s_c", 5, rank=4)
+    config = json.loads((odd / "adapter_config.json").read_text())
+    (odd / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 2}))  # scale 0.5
+    run_mix(llama_dir, [a, odd], tmp_path / "mixed", export={"format": "upcycle", "lora_storage": "compact"})
+    moe = load_moe(tmp_path / "mixed" / mix.MODEL)
+    assert moe.upcycle_spec.lora.alpha / moe.upcycle_spec.lora.rank == 1.0
+    block = dict(moe_blocks(moe))[0]
+    assert torch.allclose(block.experts.lora_B["up_proj"][0].detach(), 2 * b_a)

@@ -104,7 +104,7 @@ def test_a_rerun_that_only_evaluates_scores_the_trained_model(llama_dir, data_fi
     post_train.run(cfg, progress=False)
     manifest = tmp_path / "p" / "manifest.json"
     record = json.loads(manifest.read_text())
-    del record["scores"], record["average"]  # as if the first run died while evaluating
+    del record["scores"], record["average"], record["scored_with"]  # as if the first run died while evaluating
     manifest.write_text(json.dumps(record))
     post_train.run(cfg, progress=False)
     untrained, _ = post_train.build_model(cfg)
@@ -199,5 +199,6 @@ def test_missing_inputs_are_clear_errors(tmp_path):
     with pytest.raises(UpcycleError, match="source upit needs expand="):
         post_train.run(load_config(PostTrainConfig, None, [f"out={tmp_path / 'o'}"]), progress=False)
     with pytest.raises(UpcycleError, match="prepare:.* not a finished prepare run"):
+        (tmp_path / "not-a-prepare-run").mkdir()
         post_train.run(load_config(PostTrainConfig, None, [f"out={tmp_path / 'o'}", "source=upcycle",
-                                                            f"dense=prepare:{tmp_path}"]), progress=False)
+                                                            f"dense=prepare:{tmp_path / 'not-a-prepare-run'}"]), progress=False)

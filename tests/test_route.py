@@ -154,11 +154,21 @@ def test_relative_buckets_stop_a_globally_better_expert_taking_everything():
 
 def test_seed_fraction_that_gives_no_samples(specialists, tmp_path):
     pool, mixed = specialists
-    cfg = route_cfg(pool, mixed, tmp_path / "r", seed_fraction=0.01)
+    cfg = route_cfg(pool, mixed, tmp_path / "r", seed_fraction=0.01, min_seed_per_expert=0)
     cfg = cfg.model_copy(update={"seed_count": None})
     with pytest.raises(UpcycleError, match=r"seed_fraction: 0.01 of 20 training samples gives no seed samples"):
         route.run(cfg, progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_the_seed_set_has_a_floor_per_expert(specialists, tmp_path):
+    """1% of 20 rows is no sample; the floor of 3 per expert (2 experts) draws 6, every one scored."""
+    pool, mixed = specialists
+    cfg = route_cfg(pool, mixed, tmp_path / "r", seed_fraction=0.01, min_seed_per_expert=3).model_copy(
+        update={"seed_count": None})
+    summary = route.run(cfg, progress=False)
+    assert summary["seed_samples"] == 6
+    assert len(json.loads((tmp_path / "r" / "perplexity.json").read_text())["samples"]) == 6
 
 
 def test_sigkill_during_router_training_then_rerun_gives_the_same_routers(specialists, tmp_path):

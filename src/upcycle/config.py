@@ -161,6 +161,19 @@ class BuildConfig(_Section):
 
 
 BucketMode = Literal["perplexity", "relative", "random"]
+AuxTarget = Literal["one_hot", "positive_only", "softmax"]
+AUX_TARGET_HELP = (
+    "The router pre-training target L_aux at every token of a seed sample, per MoE layer. one_hot: BCE of "
+    "sigmoid(router logits) against the owner's one-hot over all experts (the paper's CrossEntropy(Sigmoid(h), I) "
+    "with I the indicator vector); positive_only: the paper's per-expert objective read literally, each expert's "
+    "sigmoid routing probability maximized on its own bucket (-log sigmoid(h_owner); nothing pushes the other "
+    "experts down); softmax: -log of the owner's softmax routing probability, the quantity top-k routing compares.")
+EMPTY_BUCKET_HELP = (
+    "steal (not in the paper): an empty bucket takes the samples where its expert is closest to the owner's "
+    "perplexity (up to seed/N/2, never emptying another bucket); leave (the paper's rule): its router learns from "
+    "negatives only.")
+MIN_SEED_HELP = ("A floor on the seed set drawn by seed_fraction: at least this many samples per expert (so every "
+                 "expert can own a few), never more than the rows; 0 turns it off.")
 BUCKETS_HELP = ("Who owns each seed sample: perplexity (the paper: the expert with the lowest perplexity), relative "
                 "(the lowest perplexity relative to that expert's median over the seed set, so one globally "
                 "better expert does not take most samples), or random (the ablation).")
@@ -223,7 +236,11 @@ class TrainSpec(_Section):
     epochs: float = Field(2.0, gt=0)
     lr: float = Field(2e-4, gt=0)
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warmup steps = floor(ratio * schedule steps); a warmup "
+                                "step s takes (s + 1) / (w + 1) of the rate, never 0 (train/schedule.py).")
+    schedule_epochs: float | None = Field(None, gt=0, description=(
+        "Run the learning-rate schedule as if training lasted this many epochs (>= epochs), stopping part way down "
+        "it; None: the schedule spans the stage (a decaying one reaches 0 at its end)."))
     batch_size: int = Field(8, gt=0, description="Per device.")
     grad_accum: int = Field(1, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -254,9 +271,14 @@ class TrainSpec(_Section):
         return value or None
 
     @model_validator(mode="after")
-    def _one_engine(self):
+    def _consistent(self):
+        problems = []
         if self.deepspeed and (self.fsdp or self.fsdp_config is not None):
-            refuse([f"{AT}deepspeed: set together with {AT}fsdp/{AT}fsdp_config; choose one engine"])
+            problems.append(f"{AT}deepspeed: set together with {AT}fsdp/{AT}fsdp_config; choose one engine")
+        if self.schedule_epochs is not None and self.schedule_epochs < self.epochs:
+            problems.append(f"{AT}schedule_epochs: {self.schedule_epochs} is shorter than {AT}epochs={self.epochs}; the "
+                            "schedule would end before training does. Give at least epochs, or leave it out")
+        refuse(problems)
         return self
 
 
@@ -273,8 +295,11 @@ class PrepareConfig(_Section):
     save_every: float = Field(0.25, gt=0, description="Checkpoint interval in epochs (paper: 0.25 over 2 epochs -> 8).")
     keep_optimizer_states: Literal["last", "all"] = Field(
         "last", description="Optimizer states are only needed to resume: keep the latest checkpoint's (last) or every one.")
-    evaluate: bool = Field(True, description="Score each checkpoint on the built-in suite's test split (table + plot).")
+    evaluate: bool = Field(True, description="Score checkpoints on the built-in suite's test split (table + plot).")
     eval_max_items: int | None = Field(None, gt=0, description="Cap on suite test items per domain for per-checkpoint scoring.")
+    eval_checkpoints: Literal["all", "last"] = Field(
+        "all", description="all: score every checkpoint (the paper's Figure 2: which checkpoint is best at what); "
+        "last: only the final one (what a dense recipe delivers), a fraction of the time.")
     force: bool = Field(False, description="Start over in a non-empty out folder made with a different config.")
 
     @model_validator(mode="after")
@@ -350,14 +375,23 @@ class ExpandConfig(_Section):
     per_layer: bool = Field(False, description="Choose the parent pair separately for each layer.")
     drop_p: float = Field(0.5, ge=0, lt=1, description="DARE drop probability p (the paper does not state it).")
     dare_rescale: Literal["inverse", "l1"] = "inverse"
-    lora_child_rank: int | None = Field(None, gt=0, description="LoRA children are stored at this rank via SVD (default: "
-                                        "the parents' rank); the relative error is recorded in the lineage.")
+    lora_merge: Literal["factors", "concat", "delta_svd"] = Field(
+        "factors", description="How a LoRA child is made. factors (the paper's E_new = DARE(alpha E_j) + DARE(beta E_k) "
+        "on the expert's own parameters): DARE and alpha/beta on each parent's A and B, stored at the parents' rank; "
+        "concat: the parents' DARE'd factors side by side, rank r_j + r_k, exactly alpha * dW_j' + beta * dW_k'; "
+        "delta_svd: DARE on the full deltas B A, then an SVD back to a rank, which discards most of DARE's "
+        "(high-rank) mutation.")
+    lora_child_rank: int | None = Field(None, gt=0, description="lora_merge=delta_svd: children are stored at this rank "
+                                        "(default: the parents'); the relative SVD error is recorded in the lineage.")
     seed: int = 0
     force: bool = False
 
     @model_validator(mode="after")
     def _consistent(self):
         problems = []
+        if self.lora_child_rank is not None and self.lora_merge != "delta_svd":
+            problems.append(f"{AT}lora_child_rank: only used with {AT}lora_merge=delta_svd (factors keeps the parents' "
+                            "rank, concat their sum); remove it or set lora_merge=delta_svd")
         if isinstance(self.checkpoints, list):
             if not self.checkpoints:
                 problems.append(f"{AT}checkpoints: the list is empty; name at least one checkpoint index")
@@ -401,14 +435,11 @@ class RouteConfig(_Section):
     data: DataSpec = Field(default_factory=DataSpec)
     seed_fraction: float = Field(0.01, gt=0, le=1, description="Fraction of the training data used as seed data (paper: 1%).")
     seed_count: int | None = Field(None, gt=0, description="Or an exact number of seed samples (wins over seed_fraction).")
+    min_seed_per_expert: int = Field(4, ge=0, description=MIN_SEED_HELP)
     buckets: BucketMode = Field("perplexity", description=BUCKETS_HELP)
-    empty_bucket: Literal["steal", "leave"] = Field(
-        "steal", description="steal: an empty bucket takes the samples where its expert is closest to the owner's "
-        "perplexity (up to seed/N/2, never emptying another bucket); leave: its router learns from negatives only.")
+    empty_bucket: Literal["steal", "leave"] = Field("steal", description=EMPTY_BUCKET_HELP)
     alpha: float = Field(0.5, ge=0, le=1, description="loss = alpha * L_lm + (1 - alpha) * L_aux.")
-    aux_target: Literal["one_hot", "positive_only"] = Field(
-        "one_hot", description="one_hot: BCE of sigmoid(router logits) against the owner's one-hot; "
-        "positive_only: only the owner's logit is pushed up.")
+    aux_target: AuxTarget = Field("one_hot", description=AUX_TARGET_HELP)
     trainable: Literal["routers", "routers_and_experts"] = "routers"
     moe: MoESpec = Field(default_factory=lambda: MoESpec(top_k=2))
     shared_weights: Literal["average", "last"] = Field("average", description="Non-expert weights of FFN experts.")
@@ -479,10 +510,11 @@ class PplInit(_Section):
 
     seed_fraction: float = Field(0.05, gt=0, le=1, description="Fraction of the training data used as seed data.")
     seed_count: int | None = Field(None, gt=0, description="Or an exact number of seed samples (wins over seed_fraction).")
+    min_seed_per_expert: int = Field(4, ge=0, description=MIN_SEED_HELP)
     buckets: BucketMode = Field("perplexity", description=BUCKETS_HELP)
-    empty_bucket: Literal["steal", "leave"] = "steal"
+    empty_bucket: Literal["steal", "leave"] = Field("steal", description=EMPTY_BUCKET_HELP)
     alpha: float = Field(0.5, ge=0, le=1, description="loss = alpha * L_lm + (1 - alpha) * L_aux.")
-    aux_target: Literal["one_hot", "positive_only"] = "one_hot"
+    aux_target: AuxTarget = Field("one_hot", description=AUX_TARGET_HELP)
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=4, lr=1e-3, batch_size=8))
     score_batch_size: int = Field(8, gt=0)
 
@@ -865,8 +897,15 @@ def dump_config(cfg: BaseModel, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
 
 
-def config_hash(cfg: BaseModel, exclude: set[str] = frozenset({"force", "out"}), anchor: str | Path | None = None) -> str:
-    """A stable hash of everything that changes a stage's result (not where it is written).
+EVAL_KEYS = ("evaluate", "eval_max_items", "eval_checkpoints")
+"""What is scored, not what is trained: left out of a stage's config hash, so changing them
+re-evaluates a finished stage and never retrains it (pipeline.py)."""
+
+
+def config_hash(cfg: BaseModel, exclude: set[str] = frozenset({"force", "out", *EVAL_KEYS}),
+                anchor: str | Path | None = None) -> str:
+    """A stable hash of everything that changes a stage's trained result (not where it is written,
+    not how it is scored).
 
     It does not depend on where the run folder lies, so a run folder can be moved: a path in the
     config that lies inside the anchor folder is hashed as `<anchor>/` plus its path relative to it

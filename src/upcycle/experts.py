@@ -106,6 +106,15 @@ class LoRAExpert:
                 for w, ab in pairs.items()}
 
 
+def common_scaling(experts: list) -> float:
+    """The LoRA scale (alpha / r) of an MoE made of these LoRA experts: their own when they share one,
+    so B stays as trained and the optimizer moves each delta as it did in stage 1 (folding a scale
+    of 2 into B and training at scale 1 halves B's effective step under Adam); else 1, with each
+    expert's scale folded into its B (exact for the forward pass)."""
+    scales = {round(e.scaling, 12) for e in experts}
+    return experts[0].scaling if len(scales) == 1 else 1.0
+
+
 def adapter_rank_and_scaling(cfg: dict, where: Path) -> tuple[int, float]:
     """peft's `r` (a positive integer) and the delta's scale: lora_alpha / r, or lora_alpha / sqrt(r)
     under rsLoRA (`lora_alpha` a positive number, peft's default 8 when absent). What a plain

@@ -80,6 +80,7 @@ class CheckpointEntry(_Record):
     eval_loss: float | None = None
     scores: dict[str, float] | None = None
     average: float | None = None
+    scored_with: str | None = None                  # eval/checkpoints.py eval_signature of the scores
 
 
 class StageManifest(_Record):
@@ -95,6 +96,8 @@ class TrainedStageManifest(StageManifest):
     planned: int | None = None
     steps_per_epoch: int | None = None
     save_steps: list[int] | None = None
+    optimizer_steps: int | None = None              # taken when training ended
+    trainable_parameters: int | None = None
 
 
 class PrepareManifest(TrainedStageManifest):
@@ -125,8 +128,10 @@ class ExpansionRound(_Record):
     similarity_before: list[list[float]]
     weights: str
     storage: str
-    svd_relative_error_max: float | None = None     # LoRA children stored at the parents' rank
+    svd_relative_error_max: float | None = None     # LoRA children stored by SVD (lora_merge: delta_svd)
     svd_relative_error_mean: float | None = None
+    cosine_to_mix: float | None = None              # the stored child vs the plain alpha-mix of its parents
+    norm_kept: float | None = None                  # ||stored|| / ||merged||
 
 
 class ExpandManifest(StageManifest):
@@ -138,6 +143,7 @@ class ExpandManifest(StageManifest):
     lineage: list[ExpansionRound] = []
     grams: dict[str, Any] | None = None             # per layer, kept so a resumed expansion need not recompute
     similarity: list[list[float]] | None = None
+    diversity: dict[str, Any] | None = None         # routing/diversity.py: pool_diversity
 
 
 class Bucket(_Record):
@@ -159,6 +165,7 @@ class RouteManifest(TrainedStageManifest):
     notes: list[str] = []
     share_before: OwnerShare | None = None
     share_after: OwnerShare | None = None
+    diversity: dict[str, Any] | None = None         # routing/diversity.py: seed_diversity
 
 
 class ExportSummary(_Record):
@@ -174,6 +181,7 @@ class PostTrainManifest(TrainedStageManifest):
     expert_load_entropy: dict[str, Any] | None = None
     scores: dict[str, float] | None = None
     average: float | None = None
+    scored_with: str | None = None
 
 
 class BranchDomain(_Record):

@@ -32,8 +32,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from upcycle.config import (AT, BranchConfig, DataSpec, ExpandConfig, MixConfig, PostTrainConfig, PrepareConfig,
-                            RouteConfig, _Section, base_problems, config_hash, dump_config, refuse)
+from upcycle.config import (AT, EVAL_KEYS, BranchConfig, DataSpec, ExpandConfig, MixConfig, PostTrainConfig,
+                            PrepareConfig, RouteConfig, _Section, base_problems, config_hash, dump_config, refuse)
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import atomic_write_text
 from upcycle.manifest import MANIFEST, json_object, read_manifest, stored_path
@@ -47,7 +47,8 @@ RUN_MANIFEST = "run.json"
 # Bundled models made on first use (a GGUF converted to safetensors): `check_base` does not convert them.
 CONVERTED_ON_FIRST_USE = ("bundled:smollm2",)
 # What a recipe sets once for all its stages: each stage's own key must agree with it or be left out.
-SHARED: dict[str, tuple[str, ...]] = {"prepare": ("seed", "data", "evaluate", "eval_max_items"), "expand": ("seed",),
+SHARED: dict[str, tuple[str, ...]] = {"prepare": ("seed", "data", "evaluate", "eval_max_items", "eval_checkpoints"),
+                                      "expand": ("seed",),
                                       "route": ("seed", "data"), "post_train": ("seed", "data", "evaluate", "eval_max_items"),
                                       "branch": ("seed", "data"), "mix": ("seed", "data")}
 
@@ -70,6 +71,8 @@ class RunConfig(_Section):
     mix: MixConfig = Field(default_factory=MixConfig)
     evaluate: bool = True
     eval_max_items: int | None = Field(None, gt=0)
+    eval_checkpoints: Literal["all", "last"] = Field("all", description="prepare: score every stage-1 checkpoint (Figure 2) "
+                                                     "or only the last")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -279,6 +282,12 @@ def _read_config(name: str, what: str = "base") -> tuple[list[str], dict | None]
     return [], config
 
 
+def evaluation_of(stage_cfg) -> dict:
+    """A stage's evaluation settings (config.EVAL_KEYS): not in its config hash; a change reruns the
+    finished stage, which then only scores (its training is complete)."""
+    return {k: getattr(stage_cfg, k) for k in EVAL_KEYS if hasattr(stage_cfg, k)}
+
+
 def _module(stage: str):
     import importlib
     return importlib.import_module(f"upcycle.stages.{stage}")
@@ -289,14 +298,28 @@ def _stage_digest(folder: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
 
 
-def results_of(cfgs: dict, out: Path) -> dict:
-    """The recipe's result: the post-trained model's suite scores, or the last stage-1 checkpoint's."""
+def results_of(cfgs: dict, out: Path, record: dict) -> dict:
+    """The recipe's result: its deliverable (the post-trained model, or the last stage-1 checkpoint
+    for the dense recipes) with its suite scores where scored; what it cost per stage (optimizer
+    steps, trainable parameters, seconds); and the expert pool's diversity where there is one."""
     if "post_train" in cfgs:
         m = read_manifest(out / "post_train", "post_train")
-        return {"scores": m.scores, "average": m.average, "model": str(out / "post_train" / "model"),
-                "expert_load_entropy": m.expert_load_entropy}
-    last = read_manifest(out / "prepare", "prepare").checkpoints[-1]
-    return {"scores": last.scores, "average": last.average, "model": str(out / "prepare" / last.path)}
+        result = {"model": str(out / "post_train" / "model"), "scores": m.scores, "average": m.average,
+                  "expert_load_entropy": m.expert_load_entropy}
+    else:
+        last = read_manifest(out / "prepare", "prepare").checkpoints[-1]
+        result = {"model": str(out / "prepare" / last.path), "scores": last.scores, "average": last.average}
+    cost = {}
+    for stage in cfgs:
+        data = json_object(out / stage / MANIFEST) or {}
+        cost[stage] = {"seconds": (record["stages"].get(stage) or {}).get("seconds"),
+                       **{k: data.get(k) for k in ("optimizer_steps", "trainable_parameters") if data.get(k) is not None}}
+    result["cost"] = cost
+    diversity = {stage: (json_object(out / stage / MANIFEST) or {}).get("diversity") for stage in ("expand", "route")
+                 if stage in cfgs}
+    if any(diversity.values()):
+        result["diversity"] = diversity
+    return result
 
 
 def _inputs_of(cfg: RunConfig) -> list[Path]:
@@ -348,6 +371,7 @@ def run(cfg: RunConfig, progress: bool = True, redo: list[str] | None = None) ->
             _module(stage).run(stage_cfg, progress=progress)
             dist.barrier()  # every rank's part of the stage is done (rank 0 has written its manifest)
             record["stages"][stage] = {"status": "done", "config_hash": config_hash(stage_cfg, anchor=out),
+                                       "evaluation": evaluation_of(stage_cfg),
                                        "manifest_sha256": _stage_digest(out / stage),
                                        "seconds": round(time.perf_counter() - t0, 1)}
             if dist.is_main():
@@ -356,8 +380,12 @@ def run(cfg: RunConfig, progress: bool = True, redo: list[str] | None = None) ->
         def finish() -> dict:
             if "mix" in cfgs and "post_train" in cfgs:
                 _describe_mixed(cfg, out)
-            result = {"recipe": cfg.recipe, "stages": list(cfgs), **(results_of(cfgs, out) if cfg.evaluate else {}),
+            result = {"recipe": cfg.recipe, "stages": list(cfgs), **results_of(cfgs, out, record),
                       "seconds": time.perf_counter() - started}
+            if progress:
+                for stage, report in (result.get("diversity") or {}).items():
+                    if report and report.get("warning"):
+                        print(f"[{cfg.recipe}] {stage}: WARNING: {report['warning']}", flush=True)
             stored = {**result, "model": stored_path(result["model"], out, run_folder=out)} if "model" in result else result
             atomic_write_text(out / "results.json", json.dumps(stored, indent=2, default=str))
             return result
@@ -404,9 +432,10 @@ def _plan(cfg: RunConfig, cfgs: dict, redo: list[str], lock: contextlib.ExitStac
         for stage in [s for s in cfgs if ORDER.index(s) >= first]:
             shutil.rmtree(out / stage, ignore_errors=True)
             record["stages"].pop(stage, None)
-    def finished(stage: str) -> bool:  # done with this config, and its manifest unchanged since
+    def finished(stage: str) -> bool:  # done with this config and these evaluation settings, its manifest unchanged
         done = record["stages"].get(stage) or {}
         return done.get("status") == "done" and done.get("config_hash") == config_hash(cfgs[stage], anchor=out) \
+            and done.get("evaluation", evaluation_of(cfgs[stage])) == evaluation_of(cfgs[stage]) \
             and done.get("manifest_sha256") == _stage_digest(out / stage)
 
     return record, [stage for stage in cfgs if not finished(stage)]

@@ -68,16 +68,16 @@ def _check_entry(entry: str, spec) -> int | None:
     return rows
 
 
-def seed_problems(count: int | None, fraction: float, rows: int | None, at: str) -> list[str]:
-    """A seed set (`at` names its section: route., mix.ppl.) drawn from `rows` training rows."""
+def seed_problems(section, rows: int | None, num_experts: int, at: str) -> list[str]:
+    """A seed set (route's, or mix's ppl section; `at` names it: route., mix.ppl.) drawn from `rows` rows."""
+    from upcycle.routing.buckets import seed_count
+
     if rows is None:
         return []
-    if count is not None and count > rows:
-        return [f"{at}seed_count: {count} is more than the {rows} training rows the seed set is drawn from; "
-                f"choose seed_count <= {rows}"]
-    if count is None and round(fraction * rows) < 1:
-        return [f"{at}seed_fraction: {fraction} of the {rows} training rows gives no seed sample; raise it or set "
-                f"{at}seed_count"]
+    try:
+        seed_count(rows, section.seed_count, section.seed_fraction, num_experts, section.min_seed_per_expert)
+    except UpcycleError as e:
+        return [f"{at}{p}" for p in e.problems]
     return []
 
 
@@ -95,8 +95,9 @@ def config_data_problems(cfg) -> list[str]:
     problems = checked.problems
     route = cfg.route if recipe and "route" in cfg.stages else cfg if hasattr(cfg, "seed_fraction") else None
     if route is not None:
-        problems += seed_problems(route.seed_count, route.seed_fraction, checked.rows, "route." if recipe else "")
+        experts = cfg.expand.num_experts if recipe else route.moe.num_experts
+        problems += seed_problems(route, checked.rows, experts, "route." if recipe else "")
     if mix is not None and mix.router_init == "ppl" and (not recipe or "mix" in cfg.stages):
-        problems += seed_problems(mix.ppl.seed_count, mix.ppl.seed_fraction, checked.rows,
-                                  "mix.ppl." if recipe else "ppl.")
+        experts = len(mix.experts) or mix.moe.num_experts
+        problems += seed_problems(mix.ppl, checked.rows, experts, "mix.ppl." if recipe else "ppl.")
     return problems

@@ -24,10 +24,20 @@ def suite_test_items(spec, max_per_domain: int | None):
     return items
 
 
+def eval_signature(suite_spec, max_per_domain: int | None) -> str:
+    """Which test items scores were computed on: recorded beside the scores, so that a rerun with other
+    evaluation settings scores again instead of reusing them."""
+    import hashlib
+
+    key = json.dumps({"suite": suite_spec.model_dump(mode="json"), "max_per_domain": max_per_domain}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
 def evaluate_checkpoints(manifest: Manifest, base: Path, cfg, tokenizer, progress: bool = True) -> list[dict]:
-    """Each checkpoint on this process's accelerator, in the dtype prepare trained it in. Under
-    torchrun the checkpoints are shared out across ranks, one round of `world size` at a time, and
-    rank 0 records each round's scores (a rerun scores only what no round recorded)."""
+    """Each checkpoint (cfg.eval_checkpoints: all, or the last) on this process's accelerator, in the
+    dtype prepare trained it in. Under torchrun the checkpoints are shared out across ranks, one round
+    of `world size` at a time, and rank 0 records each round's scores (a rerun scores only what no
+    round recorded with these evaluation settings)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -37,7 +47,9 @@ def evaluate_checkpoints(manifest: Manifest, base: Path, cfg, tokenizer, progres
     from upcycle.train.engine import compute_dtype
 
     items = suite_test_items(cfg.data.suite, cfg.eval_max_items)
-    todo = [c for c in manifest.checkpoints if "scores" not in c]
+    signature = eval_signature(cfg.data.suite, cfg.eval_max_items)
+    chosen = manifest.checkpoints if cfg.eval_checkpoints == "all" else manifest.checkpoints[-1:]
+    todo = [c for c in chosen if c.get("scored_with") != signature]
     loaded: dict = {}  # LoRA: one peft model per rank, its adapter weights swapped per checkpoint
 
     def score(entry: dict) -> dict:
@@ -52,7 +64,7 @@ def evaluate_checkpoints(manifest: Manifest, base: Path, cfg, tokenizer, progres
         else:
             model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=compute_dtype(cfg.train)).to(accelerator())
         result = evaluate_items(model, tokenizer, items)
-        return {"scores": result["scores"], "average": result["average"]}
+        return {"scores": result["scores"], "average": result["average"], "scored_with": signature}
 
     for start in range(0, len(todo), dist.world_size()):
         batch = todo[start:start + dist.world_size()]
@@ -83,7 +95,7 @@ def best_checkpoint_per_domain(checkpoints: list[dict]) -> dict[str, int]:
 
 
 def write_report(manifest: Manifest) -> None:
-    checkpoints = [c for c in manifest.checkpoints if "scores" in c]
+    checkpoints = [c for c in manifest.checkpoints if c.get("scores")]
     if not checkpoints:
         return
     folder = manifest.folder

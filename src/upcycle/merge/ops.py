@@ -83,3 +83,42 @@ def linear_average(tensors: list[torch.Tensor], weights: Sequence[float], normal
     w = torch.tensor(list(weights), dtype=stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
     total = (stacked * w).sum(0)
     return total / sum(weights) if normalize else total
+
+
+# ----------------------------------------------------------------- LoRA children (UpIT stage 2)
+# A LoRA expert is its factors A (r, in) and B (out, r), its delta s * B @ A (s = lora_alpha / r).
+# A child of parents j, k with weights alpha, beta = 1 - alpha, each factor DARE'd with its own mask:
+
+
+def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (r, in), B (out, r) zero-padded to `rank` (exact: the extra rank-1 terms are 0)."""
+    r = a.shape[0]
+    return (torch.cat([a, a.new_zeros(rank - r, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], rank - r)], 1))
+
+
+def lora_child_factors(parents: Sequence[tuple[torch.Tensor, torch.Tensor, float]], alpha: float,
+                       dropped: Sequence[tuple[torch.Tensor, torch.Tensor]], scaling: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's E_new = DARE(alpha E_j) + DARE(beta E_k) on the expert's own parameters:
+    A = alpha DARE(A_j) + beta DARE(A_k), B likewise, at the larger parent rank. `parents` are
+    (A, B, s) as stored, `dropped` their DARE'd (A, B); each parent's s is folded into its B
+    relative to the child's `scaling`. The child's delta has cross terms B_j A_k: the crossover."""
+    rank = max(a.shape[0] for a, _, _ in parents)
+    weights = (alpha, 1 - alpha)
+    child_a = child_b = None
+    for (a, b, s), (da, db), w in zip(parents, dropped, weights):
+        da, db = pad_rank(da, db * (s / scaling), rank)
+        child_a = w * da if child_a is None else child_a + w * da
+        child_b = w * db if child_b is None else child_b + w * db
+    return child_a, child_b
+
+
+def lora_child_concat(parents: Sequence[tuple[torch.Tensor, torch.Tensor, float]], alpha: float,
+                      dropped: Sequence[tuple[torch.Tensor, torch.Tensor]], scaling: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact alternative: the parents' DARE'd factors side by side, rank r_j + r_k, so that
+    scaling * B @ A = alpha s_j DARE(B_j) DARE(A_j) + beta s_k DARE(B_k) DARE(A_k), exactly."""
+    weights = (alpha, 1 - alpha)
+    a = torch.cat([da for da, _ in dropped])
+    b = torch.cat([w * (s / scaling) * db for (_, _, s), (_, db), w in zip(parents, dropped, weights)], 1)
+    return a, b

@@ -5,7 +5,8 @@ weights outside the experts (stage 1).
                   are the average of the stage-1 checkpoints in the pool (default, as
                   Branch-Train-MiX does) or the last of them.
     LoRA experts  the frozen dense MLP plus expert e's LoRA factors, brought to one common rank
-                  (zero-padded, exact) with each expert's alpha/r folded into B; LoRA deltas outside
+                  (zero-padded, exact) at the experts' common alpha/r (experts/common_scaling:
+                  folded into B only where they differ); LoRA deltas outside
                   the MLP (attention, if stage 1 trained them) are averaged and merged into the base.
 Routers come from the route stage's file, or are drawn fresh (seeded) when router init is off.
 `pool_from_expand` reads the expand stage's pool and `build_pool_model` assembles it: route and
@@ -30,7 +31,7 @@ from torch import nn
 
 from upcycle.config import MoESpec
 from upcycle.errors import UpcycleError
-from upcycle.experts import LoRAExpert, open_expert
+from upcycle.experts import LoRAExpert, common_scaling, open_expert
 from upcycle.io.safetensors_io import SafetensorsReader, release_memory
 from upcycle.manifest import ExpandManifest, MixManifest, read_manifest, resolve_path
 from upcycle.moe.block import MoEBlock
@@ -113,9 +114,10 @@ def assemble_moe(base: Path, expert_paths: list[Path], spec: MoESpec, shared_fro
         for module in lora_modules:
             if f"{module}.weight" not in params:
                 raise UpcycleError(f"LoRA adapter targets {module}, which the base model does not have")
-        rank = max(e.rank for e in experts)
+        rank, scale = max(e.rank for e in experts), common_scaling(experts)
         targets = sorted({k[1] for k in experts[0].keys}, key=["gate_proj", "up_proj", "down_proj"].index)
-        spec = spec.model_copy(update={"lora": spec.lora.model_copy(update={"rank": rank, "alpha": float(rank), "targets": targets})})
+        spec = spec.model_copy(update={"lora": spec.lora.model_copy(update={"rank": rank, "alpha": scale * rank,
+                                                                            "targets": targets})})
 
     def dense_value(name: str):
         """How to fill a parameter outside the MoE blocks: the base's, the checkpoints' average, or base + LoRA delta."""
@@ -178,7 +180,7 @@ def assemble_moe(base: Path, expert_paths: list[Path], spec: MoESpec, shared_fro
                 if part == "lora_A":
                     t[e, :r].copy_(a)
                 else:
-                    t[e, :, :r].copy_(ex.scaling * b)
+                    t[e, :, :r].copy_((ex.scaling / scale) * b)
         return fill_lora
 
     tied = model.all_tied_weights_keys  # {target: source}, e.g. lm_head.weight -> model.embed_tokens.weight

@@ -10,25 +10,30 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from typing import TYPE_CHECKING
-
 import torch
 
 from upcycle.errors import UpcycleError
 
-if TYPE_CHECKING:
-    from upcycle.config import RouteConfig
 
-
-def seed_indices(n: int, cfg: RouteConfig) -> list[int]:
-    count = cfg.seed_count if cfg.seed_count is not None else round(cfg.seed_fraction * n)
-    if count < 1:
-        raise UpcycleError(f"seed_fraction: {cfg.seed_fraction} of {n} training samples gives no seed samples; "
+def seed_count(n: int, count: int | None, fraction: float, num_experts: int, min_per_expert: int) -> int:
+    """How many seed samples: `count` if given, else `fraction` of the n rows (the paper: 1%) raised to
+    `min_per_expert` per expert (so that every expert can own a few), never more than the rows."""
+    if count is not None:
+        if count > n:
+            raise UpcycleError(f"seed_count: {count} is more than the {n} training samples the seed set is drawn "
+                               f"from; choose at most {n}")
+        return count
+    wanted = max(round(fraction * n), min_per_expert * num_experts)
+    if wanted < 1:
+        raise UpcycleError(f"seed_fraction: {fraction} of {n} training samples gives no seed samples; "
                            "raise seed_fraction or set seed_count")
-    if count > n:
-        raise UpcycleError(f"seed_count: {count} is more than the {n} training samples")
+    return min(wanted, n)
+
+
+def seed_indices(n: int, count: int, seed: int) -> list[int]:
+    """`count` of the n training rows, drawn with the run seed, in row order."""
     order = list(range(n))
-    random.Random(f"seed-data:{cfg.seed}").shuffle(order)
+    random.Random(f"seed-data:{seed}").shuffle(order)
     return sorted(order[:count])
 
 
@@ -71,7 +76,7 @@ def fill_empty_buckets(owners: torch.Tensor, ppl: torch.Tensor, mode: str) -> tu
                 taken.append(i)
                 owners[i] = e
         notes.append(f"expert {e} owned no seed sample; it took {len(taken)} samples where its perplexity is "
-                     "closest to their owner's (empty_bucket=steal)")
+                     "closest to their owner's (empty_bucket=steal, not in the paper)")
     for note in notes:
         warnings.warn(note)
     return owners, notes

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 
 def router_loss(model, inputs: dict, alpha: float, aux_target: str, num_experts: int) -> torch.Tensor:
-    """alpha * L_lm + (1 - alpha) * mean over MoE layers of the BCE of sigmoid(router logits) vs the owner.
+    """alpha * L_lm + (1 - alpha) * mean over MoE layers of L_aux against the owner (config.AUX_TARGET_HELP:
+    one_hot, positive_only or softmax), averaged over the sample's real tokens.
     `model` may be wrapped (DDP, FSDP): the router logits come from its output, not from its blocks."""
     owner = inputs.pop("owner")  # (B,)
     outputs = model(**inputs)
@@ -26,7 +27,9 @@ def router_loss(model, inputs: dict, alpha: float, aux_target: str, num_experts:
         if aux_target == "one_hot":
             target = F.one_hot(owner_tok, num_experts).float()
             per_token = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)
-        else:
+        elif aux_target == "softmax":
+            per_token = F.cross_entropy(logits, owner_tok, reduction="none")
+        else:  # positive_only
             per_token = -F.logsigmoid(logits.gather(1, owner_tok[:, None]).squeeze(1))
         terms.append((per_token * keep).sum() / keep.sum().clamp_min(1))
     aux = torch.stack(terms).mean()

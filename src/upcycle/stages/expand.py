@@ -18,7 +18,10 @@ Streaming: the similarity (a Gram matrix of task vectors) and each child are com
 from __future__ import annotations
 
 import json
+import math
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,8 +34,10 @@ from upcycle.experts import Key, ffn_name, lora_factors_from_delta, open_expert
 from upcycle.io.atomic import atomic_dir, claim_output
 from upcycle.io.model_folder import ModelFolder
 from upcycle.io.safetensors_io import PlannedTensor, ShardedWriter, release_memory
+from upcycle.io.user_files import read_json_object
 from upcycle.manifest import Manifest, read_manifest, resolve_path, sha256_files, stored_path
 from upcycle.merge import ops
+from upcycle.routing.diversity import pool_diversity
 from upcycle.seeding import generator
 
 
@@ -115,62 +120,116 @@ def random_pair(n: int, gen: torch.Generator) -> tuple[int, int]:
 # ------------------------------------------------------------------------------ children
 
 
+@dataclass
+class ChildRecord:
+    """What a child kept of its merge, summed over every key (layer, projection) as it streams:
+    cosine_to_mix is the cosine of the stored child's delta with the plain alpha-mix of its parents'
+    deltas (1.0 = no mutation survived); norm_kept is ||stored|| / ||merged||, the part of the merged
+    delta that storage kept (below 1 only where storage truncates: delta_svd)."""
+
+    dot: float = 0.0
+    stored: float = 0.0
+    mix: float = 0.0
+    merged: float = 0.0
+
+    def add(self, stored: torch.Tensor, mix: torch.Tensor, merged: torch.Tensor) -> None:
+        stored, mix, merged = stored.double(), mix.double(), merged.double()
+        self.dot += float(stored @ mix)
+        self.stored += float(stored @ stored)
+        self.mix += float(mix @ mix)
+        self.merged += float(merged @ merged)
+
+    def summary(self) -> dict:
+        return {"cosine_to_mix": self.dot / max(math.sqrt(self.stored * self.mix), 1e-300),
+                "norm_kept": math.sqrt(self.stored / self.merged) if self.merged > 0 else 1.0}
+
+
+def lora_child_shape(experts: list, parents: dict[int, tuple[int, int]], cfg: ExpandConfig) -> tuple[int, float]:
+    """(rank, scaling) of a LoRA child: the pool's first expert's scaling (every parent's own is folded
+    into its B relative to it), and the rank its storage needs (concat: the parents' ranks summed)."""
+    if cfg.lora_merge == "concat":
+        rank = max(experts[j].rank + experts[k].rank for j, k in parents.values())
+    else:
+        rank = cfg.lora_child_rank or max(e.rank for e in experts)
+    return rank, experts[0].scaling
+
+
 def write_child(folder: Path, experts: list, keys: list[Key], base_reader, parents: dict[int, tuple[int, int]],
                 alpha: float, cfg: ExpandConfig, round_index: int, progress: bool) -> tuple[dict[int, torch.Tensor], dict]:
-    """Write one child expert into `folder`; return its Gram row per layer (vs the pool and itself) and storage notes."""
+    """Write one child expert into `folder`; return its Gram row per layer (vs the pool and itself) and
+    its record (storage, cosine to the plain mix, norm kept)."""
     kind = experts[0].kind
     n = len(experts)
     rows: dict[int, torch.Tensor] = {}
     errors: list[float] = []
+    record = ChildRecord()
     if kind == "ffn":
         planned = [PlannedTensor(ffn_name(k), experts[0].shape(k), experts[0].reader.tensors[ffn_name(k)].dtype) for k in keys]
         weights_file = "model.safetensors"
     else:
-        rank = cfg.lora_child_rank or max(e.rank for e in experts)
+        rank, scaling = lora_child_shape(experts, parents, cfg)
         planned = []
         for k in keys:
             out_dim, in_dim = experts[0].shape(k)
-            prefix = f"base_model.model.model.layers.{k[0]}.mlp.{k[1]}"
-            planned += [PlannedTensor(f"{prefix}.lora_A.weight", (rank, in_dim), torch.float32),
-                        PlannedTensor(f"{prefix}.lora_B.weight", (out_dim, rank), torch.float32)]
+            planned += [PlannedTensor(f"{lora_prefix(k)}.lora_A.weight", (rank, in_dim), torch.float32),
+                        PlannedTensor(f"{lora_prefix(k)}.lora_B.weight", (out_dim, rank), torch.float32)]
         weights_file = "adapter_model.safetensors"
     writer = ShardedWriter(folder, planned, max_shard_bytes=1 << 62, basename=weights_file.removesuffix(".safetensors"))
-    svd_device = accelerator()  # LoRA children's SVDs: the accelerator's, where there is one (factors come back)
+    svd_device = accelerator()  # delta_svd children's SVDs: the accelerator's, where there is one (factors come back)
     for key in tqdm(keys, desc=f"child {n}", disable=not progress, mininterval=0.5):
-        base = base_reader.get(ffn_name(key)).float()
+        name = ffn_name(key)
+        base = base_reader.get(name).float()
         pool = taus(experts, key, base)  # (n, numel)
         j, k = parents[key[0]]
-        name = ffn_name(key)
-        child = ops.combine([ops.dare(pool[j], cfg.drop_p, generator(cfg.seed, "expand", round_index, name, "j"), rescale=cfg.dare_rescale),
-                             ops.dare(pool[k], cfg.drop_p, generator(cfg.seed, "expand", round_index, name, "k"), rescale=cfg.dare_rescale)],
-                            [alpha, 1 - alpha], "sum")
+        mix = alpha * pool[j] + (1 - alpha) * pool[k]
+
+        def drop(x: torch.Tensor, *what: str) -> torch.Tensor:
+            return ops.dare(x, cfg.drop_p, generator(cfg.seed, "expand", round_index, name, *what), rescale=cfg.dare_rescale)
+
+        if kind == "ffn" or cfg.lora_merge == "delta_svd":  # DARE on the whole task vectors
+            merged = ops.combine([drop(pool[j], "j"), drop(pool[k], "k")], [alpha, 1 - alpha], "sum")
         if kind == "ffn":
-            writer.write(name, (base.reshape(-1) + child).reshape(base.shape))
-            stored = child
+            writer.write(name, (base.reshape(-1) + merged).reshape(base.shape))
+            stored = merged
         else:
-            # (zero-padding past the delta's rank builds CPU tensors in lora_factors_from_delta: CPU there)
-            device = svd_device if rank <= min(base.shape) else torch.device("cpu")
-            a, b, err = lora_factors_from_delta(child.reshape(base.shape).to(device), rank)
-            a, b = a.cpu(), b.cpu()
-            prefix = f"base_model.model.model.layers.{key[0]}.mlp.{key[1]}"
-            writer.write(f"{prefix}.lora_A.weight", a)
-            writer.write(f"{prefix}.lora_B.weight", b)
-            stored = (b @ a).reshape(-1)  # what the child is, after storage
-            errors.append(err)
+            if cfg.lora_merge == "delta_svd":
+                # (zero-padding past the delta's rank builds CPU tensors in lora_factors_from_delta: CPU there)
+                device = svd_device if rank <= min(base.shape) else torch.device("cpu")
+                a, b, err = lora_factors_from_delta(merged.reshape(base.shape).to(device), rank)
+                a, b = a.cpu(), b.cpu() / scaling
+                errors.append(err)
+            else:
+                parent_factors = [(*experts[p].factors(key), experts[p].scaling) for p in (j, k)]
+                dropped = [(drop(a_, side, "A"), drop(b_, side, "B")) for (a_, b_, _), side in zip(parent_factors, "jk")]
+                combine = ops.lora_child_concat if cfg.lora_merge == "concat" else ops.lora_child_factors
+                a, b = combine(parent_factors, alpha, dropped, scaling)
+                a, b = ops.pad_rank(a, b, rank)
+            writer.write(f"{lora_prefix(key)}.lora_A.weight", a)
+            writer.write(f"{lora_prefix(key)}.lora_B.weight", b)
+            stored = (scaling * (b @ a)).reshape(-1)  # what the child is, after storage
+            if cfg.lora_merge != "delta_svd":
+                merged = stored  # stored exactly as merged
+        record.add(stored, mix, merged)
         row = torch.cat([pool, stored[None]]).double() @ stored.double()  # (n + 1,)
         rows[key[0]] = rows.get(key[0], torch.zeros(n + 1, dtype=torch.float64)) + row
-        del pool, child, stored
+        del pool, merged, stored, mix
         release_memory()
     writer.close()
-    notes = {}
+    notes = {"storage": "exact (full MLP weights)"}
     if kind == "lora":
-        src = json.loads((experts[0].path / "adapter_config.json").read_text())
-        src.update(r=rank, lora_alpha=rank, target_modules=sorted({k[1] for k in keys}))  # scaling 1: folded into B
+        src = read_json_object(experts[0].path / "adapter_config.json", "peft adapter config")
+        src.update(r=rank, lora_alpha=scaling * rank, use_rslora=False, target_modules=sorted({k[1] for k in keys}))
         (folder / "adapter_config.json").write_text(json.dumps(src, indent=2))
-        notes = {"storage": f"SVD to rank {rank}", "svd_relative_error_max": max(errors), "svd_relative_error_mean": sum(errors) / len(errors)}
-    else:
-        notes = {"storage": "exact (full MLP weights)"}
-    return rows, {"weights": weights_file, **notes}
+        notes = {"storage": {"factors": f"DARE on each parent's A and B, rank {rank}",
+                             "concat": f"DARE'd factors of both parents side by side, rank {rank} (exact)",
+                             "delta_svd": f"DARE on the full deltas, SVD to rank {rank}"}[cfg.lora_merge]}
+        if errors:
+            notes.update(svd_relative_error_max=max(errors), svd_relative_error_mean=sum(errors) / len(errors))
+    return rows, {"weights": weights_file, **notes, **record.summary()}
+
+
+def lora_prefix(key: Key) -> str:
+    return f"base_model.model.model.layers.{key[0]}.mlp.{key[1]}"
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -267,9 +326,15 @@ def _expand(cfg: ExpandConfig, progress: bool) -> dict:
             print(f"round {round_index}: child {index} = DARE({alpha:.3f} * tau_{record['parents']}) ...", flush=True)
 
     final = similarity(sum(grams.values()), cfg.similarity)
-    manifest.data["similarity"] = final.tolist()
-    manifest.data["complete"] = True
+    diversity = pool_diversity(similarity(sum(grams.values()), "cosine"), [r["origin"] for r in records])
+    manifest.data.update(similarity=final.tolist(), diversity=diversity, complete=True)
     manifest.save()
+    if diversity["warning"]:
+        warnings.warn(diversity["warning"])
+    if progress:
+        cos = diversity["pairwise_cosine"]
+        print(f"expand: pool task-vector cosine min {cos['min']:.3f} / mean {cos['mean']:.3f} / max {cos['max']:.3f}"
+              + (f"; WARNING: {diversity['warning']}" if diversity["warning"] else ""), flush=True)
     (out / "lineage.json").write_text(json.dumps({"experts": records, "rounds": manifest.data["lineage"],
                                                   "final_similarity": final.tolist(), "metric": cfg.similarity}, indent=2))
     plot_similarity(final, records, cfg.similarity, out / "similarity.png")

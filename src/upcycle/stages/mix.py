@@ -32,7 +32,7 @@ import torch
 
 from upcycle.config import MixConfig, MoESpec, config_hash, dump_config
 from upcycle.errors import UpcycleError
-from upcycle.experts import FFN_RE, LoRAExpert, open_expert
+from upcycle.experts import FFN_RE, LoRAExpert, common_scaling, open_expert
 from upcycle.io.model_folder import ModelFolder
 from upcycle.io.user_files import read_json_object
 from upcycle.manifest import Manifest, read_manifest, resolve_path, stored_path
@@ -69,6 +69,11 @@ class Mixture:
     targets: list[str]  # LoRA: the projections carrying deltas
     rank: int  # LoRA: the common rank (smaller adapters zero-padded, exact)
     checks: list[dict]
+
+    @property
+    def scale(self) -> float:
+        """LoRA: the MoE's alpha / r (experts.common_scaling)."""
+        return common_scaling(self.experts) if self.kind == "lora" else 1.0
 
     @property
     def config(self) -> dict:
@@ -268,8 +273,8 @@ class MixSource:
                 r = a.shape[0]
                 if kind == "lora_A":  # (rank, in), zero rows past this adapter's rank
                     out.append(torch.cat([a, torch.zeros(m.rank - r, a.shape[1])]))
-                else:  # (out, rank), alpha/r folded in: the MoE's own scaling is 1
-                    out.append(torch.cat([e.scaling * b, torch.zeros(b.shape[0], m.rank - r)], dim=1))
+                else:  # (out, rank), each expert's alpha/r relative to the MoE's (experts.common_scaling)
+                    out.append(torch.cat([(e.scaling / m.scale) * b, torch.zeros(b.shape[0], m.rank - r)], dim=1))
             return torch.stack(out)
         hidden = m.config["hidden_size"]
         if kind == "shared":  # a format that always has a shared expert (Qwen2-MoE): width 0
@@ -292,7 +297,7 @@ def mix_spec(mix: Mixture, moe: MoESpec) -> MoESpec:
         raise UpcycleError(f"moe.top_k: {moe.top_k} is larger than the {len(mix.experts)} experts; "
                            f"choose top_k <= {len(mix.experts)}")
     if mix.kind == "lora":
-        update["lora"] = moe.lora.model_copy(update={"rank": mix.rank, "alpha": float(mix.rank), "targets": mix.targets})
+        update["lora"] = moe.lora.model_copy(update={"rank": mix.rank, "alpha": mix.scale * mix.rank, "targets": mix.targets})
     return moe.model_copy(update=update)
 
 
@@ -401,13 +406,12 @@ def prompt_routers(model, cfg: MixConfig, tokenizer) -> dict[int, torch.Tensor]:
 def seed_samples(cfg: MixConfig, tokenizer) -> list:
     """router_init=ppl: the seed samples drawn from the given data (read before anything is written)."""
     from upcycle.data.build import build_datasets
-    from upcycle.routing.buckets import seed_indices
+    from upcycle.routing.buckets import seed_count, seed_indices
 
     p = cfg.ppl
     data = build_datasets(cfg.data.model_copy(update={"eval_fraction": 0.0, "packing": False}), tokenizer, cfg.seed)
-    chosen = seed_indices(len(data.train), SimpleNamespace(seed=cfg.seed, seed_count=p.seed_count,
-                                                           seed_fraction=p.seed_fraction))
-    return [data.train.samples[i] for i in chosen]
+    count = seed_count(len(data.train), p.seed_count, p.seed_fraction, len(expert_paths(cfg)), p.min_seed_per_expert)
+    return [data.train.samples[i] for i in seed_indices(len(data.train), count, cfg.seed)]
 
 
 def ppl_routers(model, cfg: MixConfig, samples: list, tokenizer, out: Path, progress: bool
@@ -440,7 +444,7 @@ def ppl_routers(model, cfg: MixConfig, samples: list, tokenizer, out: Path, prog
     dataset = InstructionDataset([{"input_ids": s.input_ids, "labels": s.labels, "owner": int(o)}
                                   for s, o in zip(samples, owners.tolist())])
     args = training_arguments(p.train, out / "checkpoints", cfg.seed, moe=True, progress=progress)
-    trainer = make_trainer_class(lambda m, inputs: router_loss(m, inputs, p.alpha, p.aux_target, n))(
+    trainer = make_trainer_class(p.train, lambda m, inputs: router_loss(m, inputs, p.alpha, p.aux_target, n))(
         model=model, args=args, train_dataset=dataset, data_collator=Collator(pad))
     if not progress:
         from transformers.trainer_callback import PrinterCallback

@@ -22,7 +22,7 @@ import torch
 from upcycle.config import PostTrainConfig, config_hash, dump_config
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import claim_output
-from upcycle.manifest import Manifest, read_manifest, resolve_path
+from upcycle.manifest import Manifest, json_object, read_manifest, resolve_path
 
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
@@ -69,7 +69,9 @@ def stage_inputs(cfg: PostTrainConfig) -> list:
         inputs += [cfg.expand, cfg.route, pool.base, *(e.path for e in pool.experts)]
     elif cfg.dense is not None and cfg.dense.startswith("prepare:"):
         folder = Path(cfg.dense.removeprefix("prepare:"))
-        inputs += [folder, resolve_path(read_manifest(folder, "prepare").base, folder)]
+        inputs.append(folder)
+        if (folder / "manifest.json").is_file():  # its base too (an unfinished run is refused by dense_source)
+            inputs.append(resolve_path(json_object(folder / "manifest.json").get("base", folder), folder))
     elif cfg.dense is not None and not cfg.dense.startswith("bundled:"):
         inputs.append(cfg.dense)
     return inputs
@@ -243,7 +245,7 @@ def run(cfg: PostTrainConfig, progress: bool = True, callbacks: list | None = No
             print(f"post-train: {data.summary()}\n  training {count} parameters ({which})", flush=True)
         args = training_arguments(cfg.train, out / CHECKPOINTS, cfg.seed, packing=cfg.data.packing, moe=True,
                                   progress=progress)
-        trainer_cls = make_trainer_class(lambda m, inputs: m(**inputs).loss)
+        trainer_cls = make_trainer_class(cfg.train, lambda m, inputs: m(**inputs).loss)
         recorder = make_recorder(manifest, cfg.train.epochs, cfg.save_every, "last", has_eval=data.eval is not None)
         trainer = trainer_cls(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                               data_collator=Collator(pad), callbacks=[recorder, *(callbacks or [])])
@@ -270,7 +272,10 @@ def run(cfg: PostTrainConfig, progress: bool = True, callbacks: list | None = No
 
         dist.on_rank_zero_then_wait(export, share=False)
         manifest.reload()
-    if cfg.evaluate and "scores" not in manifest.data:
+    from upcycle.eval.checkpoints import eval_signature
+
+    signature = eval_signature(cfg.data.suite, cfg.eval_max_items)
+    if cfg.evaluate and manifest.data.get("scored_with") != signature:  # not scored yet, or with other settings
         from upcycle.eval.checkpoints import suite_test_items
         from upcycle.eval.suite_eval import evaluate_items
 
@@ -278,7 +283,7 @@ def run(cfg: PostTrainConfig, progress: bool = True, callbacks: list | None = No
             scored = model if trained else exported_model(cfg, out / MODEL)
             scored.to(accelerator())  # a rerun that only evaluates has not been placed by the Trainer
             result = evaluate_items(scored, tokenizer, suite_test_items(cfg.data.suite, cfg.eval_max_items))
-            manifest.data.update(scores=result["scores"], average=result["average"])
+            manifest.data.update(scores=result["scores"], average=result["average"], scored_with=signature)
             manifest.save()
             update_card(out / MODEL, scores={**result["scores"], "average": result["average"]})
             (out / "suite_outputs.json").write_text(json.dumps(result["outputs"], indent=1))

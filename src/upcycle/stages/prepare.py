@@ -30,12 +30,13 @@ def run(cfg: PrepareConfig, progress: bool = True, anchor: Path | None = None) -
     """Under torchrun: rank 0 checks the inputs and owns the folder, every rank trains, the
     checkpoints are scored sharded by checkpoint (upcycle/distributed.py). `anchor`: the folder
     the config hash takes paths relative to (config_hash; default: the parent of `out`)."""
-    from transformers import AutoTokenizer, Trainer
+    from transformers import AutoTokenizer
 
     from upcycle import distributed as dist
     from upcycle.data.build import build_datasets
     from upcycle.data.dataset import Collator
     from upcycle.train.engine import training_arguments
+    from upcycle.train.trainer import make_trainer_class
 
     started = time.perf_counter()
     if cfg.base is None or cfg.out is None:
@@ -66,8 +67,8 @@ def run(cfg: PrepareConfig, progress: bool = True, anchor: Path | None = None) -
                                   progress=progress)
         recorder = make_recorder(manifest, cfg.train.epochs, cfg.save_every, cfg.keep_optimizer_states,
                                  has_eval=data.eval is not None)
-        trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                          data_collator=Collator(pad), callbacks=[recorder])
+        trainer = make_trainer_class(cfg.train)(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                                                data_collator=Collator(pad), callbacks=[recorder])
         if not progress:
             from transformers.trainer_callback import PrinterCallback
             trainer.remove_callback(PrinterCallback)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +28,8 @@ from upcycle.devices import accelerator, cast_parameters, fp32_master_weights
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import atomic_write_file, atomic_write_text, claim_output
 from upcycle.manifest import Manifest, stored_path
-from upcycle.routing.buckets import assign_buckets, fill_empty_buckets, seed_indices
+from upcycle.routing.buckets import assign_buckets, fill_empty_buckets, seed_count, seed_indices
+from upcycle.routing.diversity import seed_diversity
 from upcycle.routing.loss import router_loss
 from upcycle.routing.scoring import owner_share, score_experts
 from upcycle.train.trainer import make_trainer_class, set_trainable
@@ -69,7 +71,8 @@ def run(cfg: RouteConfig, progress: bool = True) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(pool.base)
         data_spec = cfg.data.model_copy(update={"eval_fraction": 0.0, "packing": False})
         data = build_datasets(data_spec, tokenizer, cfg.seed)
-        return pool, tokenizer, data, seed_indices(len(data.train), cfg)
+        count = seed_count(len(data.train), cfg.seed_count, cfg.seed_fraction, len(pool.experts), cfg.min_seed_per_expert)
+        return pool, tokenizer, data, seed_indices(len(data.train), count, cfg.seed)
 
     pool, tokenizer, data, chosen = dist.rank_zero_first(inputs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -103,11 +106,20 @@ def run(cfg: RouteConfig, progress: bool = True) -> dict:
         def record_buckets() -> None:
             buckets = {str(e): {"size": int((owners == e).sum()), "domains": _count([d for d, o in zip(domains, owners) if o == e])}
                        for e in range(n)}
+            diversity = seed_diversity(ppl, owners)
             atomic_write_text(out / "perplexity.json", json.dumps({"samples": chosen, "domains": domains, "ppl": ppl.tolist(),
                                                                     "owners": owners.tolist(), "buckets": buckets, "notes": notes}))
-            manifest.data.update(owners=owners.tolist(), buckets=buckets, notes=notes, share_before=share_before)
+            manifest.data.update(owners=owners.tolist(), buckets=buckets, notes=notes, share_before=share_before,
+                                 diversity=diversity)
             manifest.save()
             plot_buckets(ppl, owners, domains, out / "buckets.png")
+            if diversity["warning"]:
+                warnings.warn(diversity["warning"])
+            if progress:
+                print(f"route: per-sample perplexity spread (worst / best - 1) median {diversity['ppl_spread']['median']:.3f}, "
+                      f"argmin buckets {diversity['argmin_bucket_sizes']} (normalized entropy "
+                      f"{diversity['argmin_bucket_entropy']:.2f})" + (f"; WARNING: {diversity['warning']}"
+                                                                        if diversity["warning"] else ""), flush=True)
 
         dist.on_rank_zero_then_wait(record_buckets, share=False)
         manifest.reload()
@@ -123,7 +135,7 @@ def run(cfg: RouteConfig, progress: bool = True) -> dict:
         dataset = InstructionDataset([{"input_ids": s.input_ids, "labels": s.labels, "owner": int(o)}
                                       for s, o in zip(samples, owners.tolist())])
         args = training_arguments(cfg.train, out / CHECKPOINTS, cfg.seed, moe=True, progress=progress)
-        trainer_cls = make_trainer_class(lambda m, inputs: router_loss(m, inputs, cfg.alpha, cfg.aux_target, n))
+        trainer_cls = make_trainer_class(cfg.train, lambda m, inputs: router_loss(m, inputs, cfg.alpha, cfg.aux_target, n))
         # One checkpoint per epoch (to resume from); the routers themselves are saved at the end.
         every = 1.0 if float(cfg.train.epochs).is_integer() else cfg.train.epochs
         recorder = make_recorder(manifest, cfg.train.epochs, every, "last", has_eval=False)

@@ -63,7 +63,7 @@ def make_recorder(manifest: Manifest, epochs: float, save_every: float, keep_opt
             for future in pending:
                 future.result()
 
-        def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
+        def on_train_begin(self, args, state, control, train_dataloader=None, model=None, **kw):
             per_epoch = steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
             self.points = save_points(per_epoch, epochs, save_every)
             if len(set(self.points)) != len(self.points) or self.points[0] < 1:
@@ -72,7 +72,10 @@ def make_recorder(manifest: Manifest, epochs: float, save_every: float, keep_opt
                     "use a smaller train.batch_size / grad_accum or a larger save_every")
             if state.is_world_process_zero:
                 with self.lock:
-                    manifest.data.update(planned=len(self.points), steps_per_epoch=per_epoch, save_steps=self.points)
+                    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad) \
+                        if model is not None else None  # ds_numel: a ZeRO-3 partitioned parameter's full size
+                    manifest.data.update(planned=len(self.points), steps_per_epoch=per_epoch, save_steps=self.points,
+                                         trainable_parameters=trainable)
                     manifest.save()
             self.last_logged_step = state.global_step
 
@@ -112,6 +115,10 @@ def make_recorder(manifest: Manifest, epochs: float, save_every: float, keep_opt
 
         def on_train_end(self, args, state, control, **kw):
             self.wait_listed()
+            if state.is_world_process_zero:
+                with self.lock:
+                    manifest.data["optimizer_steps"] = state.global_step
+                    manifest.save()
 
     return CheckpointRecorder()
 

@@ -1,5 +1,6 @@
-"""The training-step pieces the MoE stages share (route, mix's router_init: ppl, post_train): the
-HF Trainer subclass whose loss is a given function (`make_trainer_class`), which parameters train
+"""The training-step pieces the stages share: the HF Trainer subclass every stage trains with
+(`make_trainer_class`: upcycle's learning-rate schedule; for the MoE stages (route, mix's
+router_init: ppl, post_train) a loss given as a function), which parameters train
 (`set_trainable`), and the padded batch for forward passes outside the Trainer (`pad_batch`; the
 Trainer's own batches come from upcycle/data/dataset.py's `Collator`).
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from upcycle.config import TrainSpec
 from upcycle.errors import UpcycleError
 
 
@@ -23,11 +25,27 @@ def pad_batch(samples, pad_id: int):
     return ids, labels, mask
 
 
-def make_trainer_class(loss_fn):
-    """An HF Trainer whose loss is `loss_fn(model, inputs)`, stopping with the step named on a NaN."""
+def make_trainer_class(train: TrainSpec, loss_fn=None):
+    """The HF Trainer a stage trains with, on upcycle's learning-rate schedule (train/schedule.py:
+    warmup never at rate 0, an optional longer horizon). With `loss_fn`, the MoE stages' Trainer:
+    the loss is `loss_fn(model, inputs)`, a NaN stops with the step named, and checkpoints hold the
+    trained tensors only."""
     from transformers import Trainer
 
-    class LossTrainer(Trainer):
+    from upcycle.train.schedule import make_scheduler
+
+    class ScheduledTrainer(Trainer):
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = make_scheduler(optimizer or self.optimizer, train.scheduler, train.warmup_ratio,
+                                                   num_training_steps, train.epochs, train.schedule_epochs)
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    if loss_fn is None:
+        return ScheduledTrainer
+
+    class LossTrainer(ScheduledTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = loss_fn(model, dict(inputs))
             if model.training and not torch.isfinite(loss):  # an eval NaN is only reported (eval_loss)
