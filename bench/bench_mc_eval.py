@@ -30,7 +30,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from reproduce import PROFILES, recipe_config
-    from upcycle.bundled import resolve_model
+    from upcycle.models import resolve_model
     from upcycle.eval.checkpoints import suite_test_items
     from upcycle.eval.suite_eval import evaluate_items
 

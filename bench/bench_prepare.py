@@ -32,7 +32,9 @@ def main() -> None:
     from transformers import AutoTokenizer, Trainer
     from transformers.trainer_callback import PrinterCallback
 
-    from upcycle.config import PrepareConfig, load_config
+    from upcycle.config import PrepareConfig
+
+    from upcycle.config_io import load_config
     from upcycle.data.build import build_datasets
     from upcycle.data.dataset import Collator
     from upcycle.stages import prepare
@@ -66,7 +68,7 @@ def main() -> None:
         def upcycle_run() -> float:
             # Same work as prepare.run minus data/model building, which the plain run also leaves out.
             from upcycle.manifest import Manifest
-            from upcycle.config import config_hash
+            from upcycle.config_io import config_hash
 
             shutil.rmtree(work / "prepare", ignore_errors=True)
             manifest = Manifest.open(work / "prepare", "prepare", config_hash(cfg), force=True)

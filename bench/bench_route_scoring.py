@@ -38,7 +38,7 @@ def main() -> None:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from upcycle.bundled import resolve_model
+    from upcycle.models import resolve_model
     from upcycle.config import MoESpec
     from upcycle.data.encode import encode
     from upcycle.data.instructions import to_conversation

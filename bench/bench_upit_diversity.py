@@ -48,7 +48,7 @@ TARGETS = ("one_hot", "positive_only", "softmax")
 
 
 def run_variant(out: Path, seed: int, extra: list[str]) -> float:
-    from upcycle.config import load_config
+    from upcycle.config_io import load_config
     from upcycle.pipeline import RunConfig, run
 
     prof = PROFILES["smollm2"]
@@ -61,7 +61,8 @@ def run_variant(out: Path, seed: int, extra: list[str]) -> float:
 
 def route_with(target: str, run_folder: Path, out: Path) -> dict:
     """The recipe's route stage again on the same pool, with another pre-training target."""
-    from upcycle.config import load_config, RouteConfig
+    from upcycle.config import RouteConfig
+    from upcycle.config_io import load_config
     from upcycle.stages import route
 
     cfg = load_config(RouteConfig, run_folder / "route" / "upcycle_config.yaml",

@@ -36,9 +36,12 @@ MAIN = ["dense_lora", "loramoe_sft", "self_moe", "upit_lora", "dense_sft", "upcy
         "drop_upcycling", "nvidia_granular"]
 ABLATIONS = ["ablation_no_router_init", "ablation_random_buckets", "ablation_random_parents", "ablation_no_expansion",
              "ablation_first_half"]
-LORA_TABLE = ["dense_lora", "loramoe_sft", "self_moe", "upit_lora"]
+LORA_TABLE = ["dense_lora", "loramoe_sft", "loramoe_sft_2ep", "self_moe", "upit_lora"]
 LORA_ABLATIONS = ["ablation_no_router_init", "ablation_random_buckets", "ablation_random_parents", "ablation_first_half",
-                  "upit_relative_buckets"]
+                  "ablation_no_expansion"]
+# Rows that are a recipe with overrides: LoRAMoE_SFT with UpIT's MoE-phase optimizer steps (2 epochs of MoE
+# training, as UpIT's post-training) beside the equal-data row (4 epochs).
+VARIANTS = {"loramoe_sft_2ep": ("loramoe_sft", ["post_train.train.epochs=2"])}
 UNTUNED = "untuned"  # the base model itself, scored on the same test items (no recipe)
 
 
@@ -58,9 +61,11 @@ class Profile:
 
 
 # SmolLM2 at 2-core CPU size (README "Results on SmolLM2" gives the time arithmetic): 28 training rows per
-# domain (112 rows, 106 after the 5% eval-loss split; 40 overran the 2.5-hour budget), 100 test items per domain; LoRA rank 16 on the MLP,
-# batch 8, lr 1e-3 (LoRA stages) -- the recipes' 3e-3 is the toy base's. UpIT: 4 stage-1 checkpoints
-# (0.5 epoch apart over 2 epochs), the second half (2) DARE-expanded to 8 experts, 24 seed samples.
+# domain (112 rows, 106 after the 5% eval-loss split; 40 overran the 2.5-hour budget), 100 test items per domain;
+# LoRA rank 16 on the MLP, batch 8, lr 1e-3 (LoRA stages) -- the recipes' 3e-3 is the toy base's. UpIT as the recipe
+# ships it: 8 stage-1 checkpoints (0.25 epoch apart over 2 epochs), the second half (4) DARE-expanded to 8 experts
+# (children by DARE on each parent's LoRA factors), seed set 1% of the rows with a floor of 4 per expert, 4 epochs
+# of router pre-training. Stage-1 checkpoints are scored (Figure 2) on the first seed only; elsewhere the last.
 SMOL_LR = "1.0e-3"
 PROFILES = {
     "suite": Profile(recipes=MAIN + ABLATIONS, train_per_domain=100, eval_items=25, data_scaling=[50, 200],
@@ -82,11 +87,13 @@ PAPER = {  # averages over the paper's benchmarks (SPEC section 1), for the comp
 
 
 def recipe_config(recipe: str, seed: int, out: Path, overrides: list[str]):
-    from upcycle.config import load_config
+    """The run config of a table row: a recipe, or a VARIANTS row (a recipe with overrides)."""
+    from upcycle.config_io import load_config
     from upcycle.pipeline import RunConfig
 
+    recipe, extra = VARIANTS.get(recipe, (recipe, []))
     return load_config(RunConfig, ROOT / "recipes" / f"{recipe}.yaml",
-                       [f"out={out}", f"seed={seed}", f"data.suite.seed={seed}", *overrides])
+                       [f"out={out}", f"seed={seed}", f"data.suite.seed={seed}", *extra, *overrides])
 
 
 REPORT_ONLY = False  # --report-only: tabulate the finished runs, start none
@@ -115,7 +122,7 @@ def share_stages(source: Path, cfg) -> list[str]:
     equal (prepare, then expand, then route; the first that differs and every later one run anew):
     hard-link each folder and record the stage done in run.json exactly as the pipeline records it,
     so its own check (status, config hash anchored at each run folder, manifest digest) skips them."""
-    from upcycle.config import config_hash
+    from upcycle.config_io import config_hash
     from upcycle.pipeline import RUN_MANIFEST, _stage_digest, stage_configs
 
     out = Path(cfg.out)
@@ -172,7 +179,7 @@ def run_untuned(seed: int, out: Path, overrides: list[str]) -> dict | None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from upcycle.bundled import resolve_model
+    from upcycle.models import resolve_model
     from upcycle.eval.checkpoints import suite_test_items
     from upcycle.eval.suite_eval import evaluate_items
 
@@ -196,9 +203,12 @@ def mean_std(values: list[float]) -> str:
 
 
 def table(results: dict[str, list[dict]], names: list[str]) -> str:
+    """Mean +- std per domain and on average, with each row's cost: trainable parameters per training
+    stage, optimizer steps over all stages, and minutes per run (results.json `cost`)."""
     from upcycle.suite.tasks import DOMAINS
 
-    lines = ["| method | " + " | ".join(DOMAINS) + " | average |", "|" + " --- |" * (len(DOMAINS) + 2)]
+    lines = ["| method | " + " | ".join(DOMAINS) + " | average | seeds | trainable parameters | optimizer steps "
+             "| minutes per run |", "|" + " --- |" * (len(DOMAINS) + 6)]
     for name in names:
         runs = results.get(name)
         if not runs:
@@ -206,10 +216,44 @@ def table(results: dict[str, list[dict]], names: list[str]) -> str:
         cells = [mean_std([r["scores"][d] for r in runs]) for d in DOMAINS]
         minutes = statistics.mean(r.get("seconds", 0.0) for r in runs) / 60
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean_std([r['average'] for r in runs])} | "
-                     f"{len(runs)} | {minutes:.1f} |")
-    lines[0] += " seeds | minutes per run |"
-    lines[1] += " --- | --- |"
+                     f"{len(runs)} | {trainable(runs[0])} | {steps(runs[0])} | {minutes:.1f} |")
     return "\n".join(lines)
+
+
+def trainable(run: dict) -> str:
+    cost = run.get("cost") or {}
+    parts = [f"{stage} {c['trainable_parameters'] / 1e6:.2f}M" for stage, c in cost.items()
+             if c.get("trainable_parameters")]
+    return ", ".join(parts) or "-"
+
+
+def steps(run: dict) -> str:
+    cost = run.get("cost") or {}
+    per = {stage: c["optimizer_steps"] for stage, c in cost.items() if c.get("optimizer_steps")}
+    return f"{sum(per.values())} ({', '.join(f'{s} {n}' for s, n in per.items())})" if per else "-"
+
+
+def diversity_report(out: Path, recipe: str, seeds: list[int]) -> str:
+    """Per seed: the pool's checkpoint task-vector cosine, the children's cosine to the plain mix of their
+    parents, the per-sample perplexity spread, the argmin buckets and their entropy, the owner share."""
+    lines = ["| seed | checkpoint cosine min / mean / max | children: cosine to mix | ppl spread median | "
+             "argmin buckets (entropy) | bucket tokens to owner, top-k before -> after | degenerate |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for seed in seeds:
+        folder = out / recipe / f"seed{seed}"
+        if not (folder / "route" / "manifest.json").is_file():
+            continue
+        expand = json.loads((folder / "expand" / "manifest.json").read_text())
+        route = json.loads((folder / "route" / "manifest.json").read_text())
+        pool, seeds_d = expand["diversity"], route["diversity"]
+        mix = [r["cosine_to_mix"] for r in expand["lineage"] if r.get("cosine_to_mix") is not None]
+        share = lambda key, which: 100 * statistics.mean(route[key][which])  # noqa: E731
+        lines.append(f"| {seed} | {'{min:.4f} / {mean:.4f} / {max:.4f}'.format(**pool['checkpoint_cosine'])} | "
+                     f"{statistics.mean(mix):.3f} | {seeds_d['ppl_spread']['median']:.3f} | "
+                     f"{seeds_d['argmin_bucket_sizes']} ({seeds_d['argmin_bucket_entropy']:.2f}) | "
+                     f"{share('share_before', 'top_k'):.0f}% -> {share('share_after', 'top_k'):.0f}% | "
+                     f"{'yes' if pool['degenerate'] or seeds_d['degenerate'] else 'no'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def learns_check(results: dict[str, list[dict]], tuned: str = "dense_lora") -> str:
@@ -354,7 +398,9 @@ def main() -> None:
         results[UNTUNED] = [r for r in runs if r is not None]
     for recipe in args.recipes:
         for seed in args.seeds:
-            overrides = size + prof.per_recipe.get(recipe, [])
+            figure2 = recipe == "upit_lora" and seed == args.seeds[0] and args.model != "suite"
+            scoring = [] if args.model == "suite" else [f"eval_checkpoints={'all' if figure2 else 'last'}"]
+            overrides = size + prof.per_recipe.get(recipe, []) + scoring
             folder = out / recipe / f"seed{seed}"
             if prof.share_stages and recipe != "upit_lora" and not REPORT_ONLY:
                 shared = share_stages(out / "upit_lora" / f"seed{seed}", recipe_config(recipe, seed, folder, overrides))
@@ -390,8 +436,14 @@ def main() -> None:
             expert_points["upit_lora"].append((n, res["average"]))
         plot_curve(expert_points, "experts", out / "expert_scaling.png", "Expert scaling, UpIT LoRA (seed %d)" % args.seeds[0])
 
-    buckets = ""
+    buckets, diversity, ratio = "", "", ""
+    if "upit_lora" in results and "loramoe_sft" in results:
+        minutes = {r: statistics.mean(x.get("seconds", 0.0) for x in results[r]) / 60 for r in ("upit_lora", "loramoe_sft")}
+        ratio = (f"UpIT's wall time against LoRAMoE_SFT's at equal data, this invocation: {minutes['upit_lora']:.1f} vs "
+                 f"{minutes['loramoe_sft']:.1f} min per run, {minutes['upit_lora'] / max(minutes['loramoe_sft'], 1e-9):.2f}x "
+                 "(UpIT's first seed also scores its 8 stage-1 checkpoints for Figure 2)")
     if args.model != "suite" and "upit_lora" in results:
+        diversity = diversity_report(out, "upit_lora", args.seeds)
         plot_figure2([out / "upit_lora" / f"seed{seed}" / "prepare" for seed in args.seeds], figures / "figure2.png")
         first = results["upit_lora"][0]["seed"]
         plot_upit_routing(out / "upit_lora" / f"seed{first}" / "post_train" / "model", size, first,
@@ -411,6 +463,8 @@ def main() -> None:
             + table(results, ["upit_lora"] + ablation_rows)
             + (f"\n\n### Does LoRA learn the mix?\n\n{check}" if check else "")
             + (f"\n\n### Seed buckets (route stage)\n\n{buckets}" if buckets else "")
+            + (f"\n\n### Diversity of UpIT's expert pool (routing/diversity.py)\n\n{diversity}" if diversity else "")
+            + (f"\n\n{ratio}" if ratio else "")
             + f"\n\nCompute of the runs in these tables (sum of their own wall times): {compute / 60:.0f} min. "
             f"Wall time of this invocation: {wall / 60:.0f} min (runs already done are skipped).\n")
     out.mkdir(parents=True, exist_ok=True)

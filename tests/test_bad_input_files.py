@@ -135,7 +135,7 @@ def test_recursive_and_oversized_yaml_are_refused(tmp_path, capsys):
 
 
 def test_extends_takes_a_list_in_order_and_refuses_other_types(tmp_path, capsys):
-    from upcycle.config import read_yaml
+    from upcycle.config_io import read_yaml
 
     (tmp_path / "a.yaml").write_text("seed: 1\nout: from-a\ndata: {max_length: 64}\n")
     (tmp_path / "b.yaml").write_text("seed: 2\ndata: {eval_fraction: 0.2}\n")

@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from upcycle.cli import main
-from upcycle.config import BuildConfig, load_config, parse_overrides, parse_size
+from upcycle.config import BuildConfig, parse_size
+from upcycle.config_io import load_config, parse_overrides
 from upcycle.errors import UpcycleError
 
 

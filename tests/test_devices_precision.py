@@ -251,7 +251,8 @@ def test_checkpoint_hashing_runs_beside_training(llama_dir, tmp_path, monkeypatc
     import time
 
     import upcycle.train.checkpoints as checkpoints
-    from upcycle.config import PrepareConfig, load_config
+    from upcycle.config import PrepareConfig
+    from upcycle.config_io import load_config
     from upcycle.stages import prepare
 
     calls = []  # (thread name, saw the next checkpoint's files appear while this hash was running)

@@ -149,7 +149,8 @@ def test_fsdp_arguments_match_transformers_own_reading_of_the_fsdp_options(tmp_p
         with pytest.raises(UpcycleError, match="FSDP needs GPUs"):
             training_arguments(TrainSpec(fsdp="full_shard"), tmp_path, 0)
     with pytest.raises(UpcycleError, match="unknown FSDP option"):
-        from upcycle.config import load_config, PostTrainConfig
+        from upcycle.config import PostTrainConfig
+        from upcycle.config_io import load_config
         load_config(PostTrainConfig, None, ["train.fsdp=full_shard sharded"])
 
 

@@ -19,7 +19,7 @@ from upcycle import load_moe, save_moe, upcycle_model
 from upcycle.architectures import FORMAT_PREFERENCE, MOE_FORMATS, OWN_FORMAT
 from upcycle.cli import main
 from upcycle.config import InitSpec, MoESpec
-from upcycle.dense_config import FACT_FIELDS, NOT_FORWARD_FIELDS
+from upcycle.dense_config import FACT_FIELDS, NOT_FORWARD_FIELDS, format_problem
 from upcycle.errors import UpcycleError
 from upcycle.io.model_folder import ModelFolder
 from upcycle.tiny import char_tokenizer
@@ -147,7 +147,7 @@ def test_fixtures_cover_the_families_and_the_hub_layout():
 def test_hub_config_builds_into_every_format_that_expresses_it(name, hub_dense, tmp_path, capsys):
     ref = hub_dense(name)
     folder = ModelFolder(ref.path)
-    formats = {f for f in FORMAT_PREFERENCE if MOE_FORMATS[f].why_not(folder.config, SPEC) is None} | {OWN_FORMAT}
+    formats = {f for f in FORMAT_PREFERENCE if format_problem(MOE_FORMATS[f], folder.config, SPEC) is None} | {OWN_FORMAT}
     assert formats == EXPECTED_FORMATS[HUB[name]["model_type"]]
     for fmt in sorted(formats):
         out = tmp_path / fmt
@@ -227,7 +227,7 @@ def test_config_variants_are_carried_exactly_or_left_to_the_own_format(variant, 
     name, change, native = VARIANTS[variant]
     ref = hub_dense(variant, dict(shrink(HUB[name]), **change))
     cfg = ModelFolder(ref.path).config
-    assert {f for f in FORMAT_PREFERENCE if MOE_FORMATS[f].why_not(cfg, SPEC) is None} == native
+    assert {f for f in FORMAT_PREFERENCE if format_problem(MOE_FORMATS[f], cfg, SPEC) is None} == native
     for fmt in sorted(native) + [OWN_FORMAT]:
         build(ref.path, tmp_path / fmt, fmt, capsys)
         assert_same_model(load_export(tmp_path / fmt, fmt), ref, f"{variant} -> {fmt}")

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import logits_of
 from upcycle.cli import main
-from upcycle.config import MixConfig, load_config
+from upcycle.config import MixConfig
+from upcycle.config_io import load_config
 from upcycle.errors import UpcycleError
 from upcycle.export.load import load_moe
 from upcycle.moe.model import moe_blocks

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import kill_after_checkpoints
-from upcycle.config import PrepareConfig, load_config
+from upcycle.config import PrepareConfig
+from upcycle.config_io import load_config
 from upcycle.errors import UpcycleError
 from upcycle.manifest import sha256_files
 from upcycle.stages import prepare

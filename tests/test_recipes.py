@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from upcycle.cli import main
-from upcycle.config import load_config
+from upcycle.config_io import load_config
 from upcycle.manifest import resolve_path
 from upcycle.pipeline import RunConfig, stage_configs
 

@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from upcycle.config import PrepareConfig, RouteConfig, load_config
+from upcycle.config import PrepareConfig, RouteConfig
+
+from upcycle.config_io import load_config
 from upcycle.errors import UpcycleError
 from upcycle.moe.assemble import build_pool_model, pool_from_expand
 from upcycle.routing.buckets import assign_buckets, fill_empty_buckets

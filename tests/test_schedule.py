@@ -47,7 +47,8 @@ def test_a_horizon_of_twice_the_stage_stops_half_way_down_the_cosine():
 def test_a_one_step_stage_trains_at_a_non_zero_rate(llama_dir, tmp_path):
     """4 rows, batch 4, one epoch: one optimizer step, with a warmup ratio that transformers' scheduler
     rounds up to one warmup step at rate 0. The LoRA B factors (peft starts them at 0) must move."""
-    from upcycle.config import PrepareConfig, load_config
+    from upcycle.config import PrepareConfig
+    from upcycle.config_io import load_config
     from upcycle.stages import prepare
 
     data = tmp_path / "d.jsonl"

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from upcycle.config import PrepareConfig, load_config
+from upcycle.config import PrepareConfig
+
+from upcycle.config_io import load_config
 
 pytestmark = pytest.mark.slow
 

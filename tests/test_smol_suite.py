@@ -139,7 +139,7 @@ def test_ablations_take_over_upit_stages_only_when_the_pipeline_would_accept_the
     import contextlib
     import json
 
-    from upcycle.config import config_hash
+    from upcycle.config_io import config_hash
     from upcycle.pipeline import RUN_MANIFEST, _plan, _stage_digest, stage_configs
 
     rep = _reproduce()

@@ -12,8 +12,8 @@ import yaml
 from pydantic import ValidationError
 
 from upcycle.cli import main
-from upcycle.config import (BuildConfig, ExpandConfig, InitSpec, MergeConfig, MoESpec, PostTrainConfig, PrepareConfig,
-                            RouteConfig, config_hash, deep_merge, load_config, parse_overrides, read_yaml)
+from upcycle.config import (BuildConfig, ExpandConfig, InitSpec, MergeConfig, MoESpec, PostTrainConfig, PrepareConfig, RouteConfig)
+from upcycle.config_io import config_hash, deep_merge, load_config, parse_overrides, read_yaml
 from upcycle.errors import UpcycleError
 from upcycle.pipeline import RunConfig, stage_configs
 
@@ -74,7 +74,7 @@ CASES = [
     ("upit_lora", ["seed=2", "expand.seed=0"], "expand.seed: 0 contradicts the recipe's seed=2"),
     ("upit_lora", ["route.data.max_length=128"], "route.data.max_length: 128 contradicts the recipe's data.max_length=256"),
     ("upit_lora", ["post_train.data.train=[mine.jsonl]"], "post_train.data.train: ['mine.jsonl'] contradicts the recipe's"),
-    ("upit_lora", ["prepare.evaluate=false"], "prepare.evaluate: False contradicts the recipe's evaluate=True"),
+    ("upit_lora", ["prepare.evaluate=false"], "prepare.evaluate: False contradicts the recipe's evaluate='auto'"),
     ("upit_lora", ["prepare.out=/elsewhere"], "prepare.out: /elsewhere, but a recipe connects its stages itself"),
     ("upit_lora", ["route.expand=/elsewhere"], "route.expand: /elsewhere, but a recipe connects its stages itself"),
     # stages and sources

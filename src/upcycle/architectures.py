@@ -15,9 +15,10 @@ Tensor *roles* are the canonical, format-independent names of an MoE layer's ten
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from upcycle.config import MoESpec, Routing
+if TYPE_CHECKING:  # types only: this module is data, and imports nothing of upcycle's at run time
+    from upcycle.config import MoESpec, Routing
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 Role = tuple
@@ -95,7 +96,7 @@ class MoEFormat:
     hf_class: str
     routings: frozenset[str]
     # Dense model types whose weights fit (Qwen3-MoE alone has q/k norms); every other fact is
-    # checked on the config this format would write (`why_not`).
+    # checked on the config this format would write (upcycle.dense_config.format_problem).
     accepts: frozenset[str]
     moe_prefix: str                        # where a layer's MoE tensors live
     proj_names: Mapping[str, str]          # canonical projection -> on-disk name
@@ -103,7 +104,9 @@ class MoEFormat:
     dense_layers: bool = False             # can some layers stay dense (mlp_only_layers)?
     # When importing a checkpoint of this format: the dense class whose attention/norms match.
     dense_model_type: str = ""
-    make_config: Callable[[dict, MoESpec, int, int, int, list[int]], dict] | None = None
+    # (dense config, spec, expert width, shared width, intermediate, dense layers, attention keys) -> config;
+    # the attention keys are upcycle.dense_config.attention_keys(model_type, dense), computed by the caller.
+    make_config: Callable[[dict, MoESpec, int, int, int, list[int], dict], dict] | None = None
 
     def layer_entries(self, layer: int, spec: MoESpec, shared_width: int) -> list[tuple[str, Role]]:
         """The on-disk names of one MoE layer's tensors, in write order, with their roles."""
@@ -119,12 +122,10 @@ class MoEFormat:
             entries.append((f"{p}shared_expert_gate.weight", ("shared_gate",)))
         return entries
 
-    def why_not(self, dense_cfg: dict, spec: MoESpec) -> str | None:
-        """None if this format expresses the MoE exactly; otherwise the reason, for the error message.
-
-        `dense_cfg` is a normalized dense config (upcycle.dense_config.normalize_config); the MoE
-        config this format would write is built and compared with it fact by fact.
-        """
+    def structural_problem(self, dense_cfg: dict, spec: MoESpec) -> str | None:
+        """Why this format cannot hold the MoE, from what it can express at all (dense model type,
+        routing, shared experts, dense layers); None if it can. The fact-by-fact comparison of the
+        config it would write is upcycle.dense_config.format_problem, which calls this first."""
         src = dense_cfg.get("model_type")
         if src not in self.accepts:
             ok = ", ".join(sorted(self.accepts))
@@ -138,11 +139,6 @@ class MoEFormat:
             return f"format {self.name} gates its shared expert by sigmoid(x.w); set moe.shared_expert_gate=true or use format upcycle"
         if spec.layers is not None and not self.dense_layers and len(spec.layers) != dense_cfg["num_hidden_layers"]:
             return f"format {self.name} makes every layer MoE; moe.layers selects a subset"
-        from upcycle.dense_config import carried_mismatch  # it reads the forms above
-
-        mismatch = carried_mismatch(dense_cfg, self, spec)
-        if mismatch:
-            return f"format {self.name} cannot reproduce this {src} model: {mismatch}"
         return None
 
 
@@ -166,27 +162,8 @@ WINDOW_SPELLING: dict[str, Callable[[list], dict]] = {
 }
 
 
-def _attention_keys(target_type: str, dense: dict) -> dict:
-    """The target class's keys for the dense model's attention biases and sliding windows.
-
-    Spelled from the dense model's facts, not copied by name: a Mistral window becomes Qwen2-MoE
-    layer types, a Qwen2 q/k/v bias becomes qkv_bias. What cannot be spelled is caught by the
-    fact comparison in `MoEFormat.why_not`.
-    """
-    from upcycle.dense_config import config_object, forward_facts
-
-    facts = forward_facts(config_object(dense))
-    form = ATTENTION_FORMS[target_type]
-    out: dict = {}
-    for attr, value in zip((form.qkv_bias, form.o_bias), facts["attention bias (q/k/v, o)"]):
-        if isinstance(attr, str):
-            out.setdefault(attr, value)
-    out.update(WINDOW_SPELLING[form.window](facts["sliding window per layer"]))
-    return out
-
-
 def _mixtral_config(dense: dict, spec: MoESpec, expert_width: int, shared_width: int, intermediate: int,
-                    dense_layers: list[int]) -> dict:
+                    dense_layers: list[int], attention: dict) -> dict:
     cfg = _carry(dense)
     cfg.update(
         model_type="mixtral", architectures=["MixtralForCausalLM"],
@@ -194,14 +171,14 @@ def _mixtral_config(dense: dict, spec: MoESpec, expert_width: int, shared_width:
         router_aux_loss_coef=spec.aux_loss_coef,
         # Mixtral's jitter also scales the experts' input; upcycle's jitter is a training option only.
         router_jitter_noise=0.0, output_router_logits=False,
-        **_attention_keys("mixtral", dense),
+        **attention,
     )
     return cfg
 
 
 def _qwen_moe_config(model_type: str, arch: str) -> Callable:
     def make(dense: dict, spec: MoESpec, expert_width: int, shared_width: int, intermediate: int,
-             dense_layers: list[int]) -> dict:
+             dense_layers: list[int], attention: dict) -> dict:
         cfg = _carry(dense)
         cfg.update(
             model_type=model_type, architectures=[arch],
@@ -210,7 +187,7 @@ def _qwen_moe_config(model_type: str, arch: str) -> Callable:
             norm_topk_prob=spec.routing != "softmax_topk",
             decoder_sparse_step=1, mlp_only_layers=dense_layers,
             router_aux_loss_coef=spec.aux_loss_coef, output_router_logits=False,
-            **_attention_keys(model_type, dense),
+            **attention,
         )
         if "max_window_layers" in dense and "layer_types" in cfg:
             cfg["max_window_layers"] = dense["max_window_layers"]  # informational: layer_types decides

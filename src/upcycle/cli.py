@@ -70,10 +70,15 @@ COMMANDS: dict[str, Command] = {
         "base": ("base", {"help": "the dense base the experts were fine-tuned from"}), "out": ("out", {}),
         "expert": ("experts", {"action": "append", "help": "a fine-tune folder or peft adapter folder (repeat)"}),
         "router-init": ("router_init", {"choices": ["ppl", "prompts", "cheap_embed", "random"]}),
+        "prompts": ("prompts", {"help": "router_init prompts / cheap_embed: a YAML file, one {positive: [...], "
+                                "negative: [...]} per expert (a list in --expert order, or keyed by expert)"}),
+        "expert-prompt": ("prompts", {"action": "append", "help": "or: one positive prompt per expert, in --expert "
+                                      "order (repeat)"}),
         "shared": ("shared", {"help": "weights outside the experts: base, average, or an expert index"}),
         "top-k": ("moe.top_k", {"type": int}),
         "format": ("export.format", {"choices": ["auto", "mixtral", "qwen2_moe", "qwen3_moe", "upcycle"]}),
-        "data": ("data.train", {"action": "append", "help": "seed data for router_init=ppl (repeat), or suite"}),
+        "data": ("data.train", {"action": "append", "help": "seed data for router_init=ppl (repeat), or suite: "
+                                                          "every row given is a seed sample (ppl.seed_fraction to use fewer)"}),
         "seed": ("seed", {"type": int}),
     }),
     "eval": Command("EvalConfig", "upcycle.stages.evaluate", "score a model: built-in suite, routing, MMLU/HumanEval/GSM8K", {
@@ -123,6 +128,8 @@ def _build_parser() -> argparse.ArgumentParser:
     v.add_argument("--kind", choices=[c.schema for c in COMMANDS.values()], help="schema (default: guessed from the keys)")
     v.add_argument("overrides", nargs="*")
 
+    sub.add_parser("models", help="list the models a command can name: bundled ones and those in the Hugging Face cache")
+
     d = sub.add_parser("demo", help="the demo on bundled models")
     d.add_argument("--workdir", default="runs/demo", help="where the demo writes its outputs")
     d.add_argument("--num-experts", type=int, default=8, dest="num_experts")
@@ -132,7 +139,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _flag_values(args: argparse.Namespace, cmd: Command) -> dict:
-    from upcycle.config import set_dotted
+    from upcycle.config_io import set_dotted
 
     values: dict = {}
     for flag, (key, _) in cmd.flags.items():
@@ -155,7 +162,7 @@ def _schema(name: str):
 
 def guess_kind(path: str) -> str:
     """The schema a YAML file is for, from keys only one schema has."""
-    from upcycle.config import read_yaml
+    from upcycle.config_io import read_yaml
 
     keys = set(read_yaml(path))
     for schema, markers in (("RunConfig", {"stages", "recipe"}), ("MergeConfig", {"models", "method"}),
@@ -178,6 +185,18 @@ def _print_build_summary(s: dict) -> None:
           f"{params['active'] / 1e6:.1f}M active per token")
     print(f"{s['tensors']} tensors, {s['bytes'] / 1e9:.2f} GB in {len(s['files'])} file(s); "
           f"{s['seconds']:.1f}s, peak RSS {s['peak_rss_mb']:.0f} MB")
+
+
+def _print_model_line(path: str) -> None:
+    """Where the model a command made is, and how it loads (the same words for every command)."""
+    folder = Path(path)
+    if (folder / "upcycle_moe.json").is_file():
+        how = f"upcycle.load_moe({str(folder)!r}) (upcycle's own format)"
+    elif (folder / "adapter_config.json").is_file():
+        how = f"peft.PeftModel.from_pretrained(base_model, {str(folder)!r}) (a LoRA adapter of the base)"
+    else:
+        how = f"transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r})"
+    print(f"model: {folder}  -> load with {how}")
 
 
 def _is_rank_zero() -> bool:
@@ -230,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         previous_sigterm = None
     out = None
     try:
-        from upcycle.config import load_config
+        from upcycle.config_io import load_config
 
         if args.command == "validate":
             kind = args.kind or guess_kind(args.config)
@@ -242,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             if kind == "RunConfig":
                 from upcycle.pipeline import check_base
                 check_base(cfg)  # what only the base's config.json can tell, as `upcycle run` checks first
-                if cfg.evaluate:
+                from upcycle.config import scores_suite
+                if scores_suite(cfg.evaluate, cfg.data):
                     from upcycle.eval.sandbox import require_isolation
                     require_isolation()  # the suite's code domain runs model-written code
             print(f"{args.config}: ok ({kind})")
@@ -251,6 +271,13 @@ def main(argv: list[str] | None = None) -> int:
                 from upcycle.stages.build import BuildPlan
                 plan = BuildPlan(cfg)
                 print(f"  base {plan.folder.model_type}, {len(plan.moe_layers)} MoE layers, format {format_name(plan.target)}")
+            return 0
+        if args.command == "models":
+            from upcycle.models import list_models
+            for name, text in list_models():
+                print(f"{name:40s} {text}")
+            print("Any local Hugging Face folder works too; a hub id (org/name[@revision]) is resolved through the "
+                  "Hugging Face cache as from_pretrained does.")
             return 0
         if args.command == "demo":
             from upcycle import demo
@@ -279,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "build":
             print(json.dumps(summary, indent=2, default=str)) if args.json else _print_build_summary(summary)
+            _print_model_line(summary["out"])
         elif args.command == "eval":
             print(json.dumps({k: v for k, v in summary.items() if k != "routing"} | (
                 {"routing_specialization": summary["routing"]["specialization"]} if "routing" in summary else {}), indent=2))
@@ -286,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
             brief = {k: v for k, v in summary.items() if k in ("out", "checkpoints", "experts", "children", "scores",
                                                                "average", "seed_samples", "seconds", "stages")}
             print(f"{args.command}: " + json.dumps(brief, default=str))
+            model = summary.get("model") or (summary.get("out") if args.command == "merge" else None)
+            if model:
+                _print_model_line(model)
     except (UpcycleError, OSError) as e:
         from upcycle.io.atomic import WRITE_ERRNOS, write_error
 

@@ -1,8 +1,9 @@
 """One typed schema for YAML files, CLI `key=value` overrides and Python.
 
 Every section is a pydantic model with `extra="forbid"`, so a misspelt key is an error, not a
-silently ignored setting. `load_config` merges a YAML file, CLI flags and `key=value` overrides,
-then validates everything in one pass and reports every problem at once, each naming its key.
+silently ignored setting. Reading a config (YAML with `extends`, overrides, one validation pass
+that reports every problem at once) and hashing it live in upcycle/config_io.py; this module is
+the schema alone.
 
 Every constraint a stage would fail on is a validator on the stage's section, so `upcycle validate`,
 `upcycle run` (before any stage) and Python (constructing the config) refuse it alike. A section
@@ -16,16 +17,12 @@ Where the papers are silent, the default chosen here is documented on the field 
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from upcycle.errors import UpcycleError
-from upcycle.io.user_files import load_yaml
 
 Routing = Literal["softmax_topk", "softmax_topk_renorm", "topk_softmax"]
 """softmax_topk: weights = TopK(Softmax(logits)), not renormalized (NVIDIA's choice).
@@ -37,6 +34,16 @@ InitMethod = Literal["copy", "virtual_group", "drop", "noise"]
 WeightScaling = Literal["none", "nvidia", "output"]
 FormatName = Literal["auto", "mixtral", "qwen2_moe", "qwen3_moe", "upcycle"]
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+Evaluate = bool | Literal["auto"]
+EVALUATE_HELP = ("Score on the built-in suite's test split: auto (only when the training data is the suite: a run on "
+                 "your own data is not scored on a task it never saw), true, or false.")
+
+
+def scores_suite(evaluate: Evaluate, data: "DataSpec") -> bool:
+    """Whether a stage scores the built-in suite (`evaluate`: auto / true / false)."""
+    return evaluate is True or (evaluate == "auto" and list(data.train) == ["suite"])
 
 
 AT = "{at}"
@@ -134,6 +141,10 @@ class ExportSpec(_Section):
         description="LoRA experts: materialize expert i = W + dW_i into a native format, or save "
         "adapters + routers compactly (format upcycle) and load them back onto the base.",
     )
+    untie_embeddings: bool | Literal["auto"] = Field(
+        "auto", description="Write the output head as its own tensor (lm_head.weight, a copy of the tied input "
+        "embedding; tie_word_embeddings false): the same model, for runtimes that need the head (llama.cpp's Qwen2-MoE "
+        "loader refuses a GGUF without output.weight). auto: for qwen2_moe only.")
 
     @field_validator("max_shard_size")
     @classmethod
@@ -145,7 +156,8 @@ class ExportSpec(_Section):
 class BuildConfig(_Section):
     """`upcycle build`: one-shot dense -> MoE conversion."""
 
-    base: Path = Field(description="Dense Hugging Face model folder (config.json + safetensors).")
+    base: str = Field(description="The dense model: a local Hugging Face folder, bundled:NAME, or a hub id "
+                      "org/name[@revision] (upcycle/models.py).")
     out: Path = Field(description="Output folder; must be empty or absent unless force is set.")
     seed: int = 0
     moe: MoESpec = Field(default_factory=MoESpec)
@@ -196,10 +208,17 @@ class SuiteSpec(_Section):
 class DataSpec(_Section):
     """Instruction data. `train: suite` uses the built-in suite's train split."""
 
-    train: list[str] = Field(default_factory=lambda: ["suite"], description="JSONL/JSON files, datasets folders, or 'suite'.")
+    train: list[str] = Field(default_factory=lambda: ["suite"], description=(
+        "Files (.jsonl, .json, .parquet, .csv), datasets folders (save_to_disk), hub data sets as hf:ORG/NAME[:SPLIT], "
+        "or 'suite' (the built-in task suite). data/instructions.py reads them."))
     eval: list[str] | None = Field(None, description="Held-out data for eval loss; default: a slice of train (eval_fraction).")
     eval_fraction: float = Field(0.05, ge=0, lt=1)
-    schema_: Literal["auto", "alpaca", "messages"] = Field("auto", alias="schema")
+    schema_: Literal["auto", "alpaca", "messages", "sharegpt"] = Field(
+        "auto", alias="schema", description="auto: detected per source from its first row; alpaca (instruction/input/"
+        "output), messages (OpenAI role/content), sharegpt (conversations of from/value).")
+    columns: dict[str, str] | None = Field(None, description=(
+        "The schema's keys -> the keys your file uses, e.g. {instruction: question, output: answer} or "
+        "{conversations: dialog}."))
     max_length: int = Field(512, gt=8)
     overlong: Literal["truncate", "error"] = "truncate"
     on_bad_row: Literal["error", "skip"] = "error"
@@ -216,8 +235,8 @@ class DataSpec(_Section):
         return [v] if isinstance(v, str) else v
 
     def local_files(self) -> list[str]:
-        """The train and eval entries that are files or folders on disk (not the built-in suite)."""
-        return [p for p in [*self.train, *(self.eval or [])] if p != "suite"]
+        """The train and eval entries that are files or folders on disk (not the suite, not hf: data sets)."""
+        return [p for p in [*self.train, *(self.eval or [])] if p != "suite" and not p.startswith("hf:")]
 
 
 class LoRATrainSpec(_Section):
@@ -228,6 +247,13 @@ class LoRATrainSpec(_Section):
     dropout: float = Field(0.05, ge=0, lt=1)
     targets: list[str] = Field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
                                description="Module names; add q_proj,k_proj,v_proj,o_proj for attention.")
+
+
+# train.fsdp's words -> TrainingArguments.fsdp_config entries (FSDP2, the Trainer's default version; train/engine.py).
+# auto_wrap is the default: accelerate wraps each module class in the model's `_no_split_modules`,
+# the decoder layer for every supported family, so an MoE block is sharded with its layer.
+FSDP_WORDS = {"full_shard": {"reshard_after_forward": True}, "shard_grad_op": {"reshard_after_forward": False},
+              "offload": {"cpu_offload": True}, "auto_wrap": {}}
 
 
 class TrainSpec(_Section):
@@ -263,8 +289,6 @@ class TrainSpec(_Section):
     @field_validator("fsdp")
     @classmethod
     def _fsdp_words(cls, value: str | None) -> str | None:
-        from upcycle.train.engine import FSDP_WORDS
-
         bad = [w for w in (value or "").split() if w not in FSDP_WORDS]
         if bad:
             raise ValueError(f"unknown FSDP option(s) {bad}; use {', '.join(FSDP_WORDS)} (e.g. 'full_shard auto_wrap')")
@@ -295,7 +319,7 @@ class PrepareConfig(_Section):
     save_every: float = Field(0.25, gt=0, description="Checkpoint interval in epochs (paper: 0.25 over 2 epochs -> 8).")
     keep_optimizer_states: Literal["last", "all"] = Field(
         "last", description="Optimizer states are only needed to resume: keep the latest checkpoint's (last) or every one.")
-    evaluate: bool = Field(True, description="Score checkpoints on the built-in suite's test split (table + plot).")
+    evaluate: Evaluate = Field("auto", description=EVALUATE_HELP + " prepare scores its checkpoints (table + plot).")
     eval_max_items: int | None = Field(None, gt=0, description="Cap on suite test items per domain for per-checkpoint scoring.")
     eval_checkpoints: Literal["all", "last"] = Field(
         "all", description="all: score every checkpoint (the paper's Figure 2: which checkpoint is best at what); "
@@ -474,7 +498,7 @@ class PostTrainConfig(_Section):
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=2, lr=2e-4))
     save_every: float = Field(0.5, gt=0)
     export: ExportSpec = Field(default_factory=ExportSpec)
-    evaluate: bool = True
+    evaluate: Evaluate = Field("auto", description=EVALUATE_HELP)
     eval_max_items: int | None = Field(None, gt=0)
     force: bool = False
 
@@ -508,7 +532,8 @@ class ExpertPrompts(_Section):
 class PplInit(_Section):
     """router_init=ppl: UpIT stage 3 on the mixed experts (the RouteConfig settings of the same name)."""
 
-    seed_fraction: float = Field(0.05, gt=0, le=1, description="Fraction of the training data used as seed data.")
+    seed_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of the given data used as seed data (default: "
+                                 "all of it: the rows given to mix are the seed data).")
     seed_count: int | None = Field(None, gt=0, description="Or an exact number of seed samples (wins over seed_fraction).")
     min_seed_per_expert: int = Field(4, ge=0, description=MIN_SEED_HELP)
     buckets: BucketMode = Field("perplexity", description=BUCKETS_HELP)
@@ -538,7 +563,10 @@ class MixConfig(_Section):
     router_init: RouterInit = Field("ppl", description="ppl: UpIT stage 3 (seed data -> perplexity buckets -> router "
                                     "pre-training); prompts: post-attention-norm hidden states of the mixed model, "
                                     "positive minus negative mean; cheap_embed: mean prompt-token embeddings; random.")
-    prompts: list[ExpertPrompts] | None = Field(None, description="One entry per expert, for prompts and cheap_embed.")
+    prompts: list[ExpertPrompts] | None = Field(None, description=(
+        "One entry per expert, for prompts and cheap_embed: {positive: [...], negative: [...]} each; or a YAML/JSON "
+        "file holding that list (or a mapping from each expert as given to its entry); or one string per expert "
+        "(its one positive prompt: the CLI's --expert-prompt)."))
     ppl: PplInit = Field(default_factory=PplInit)
     data: DataSpec = Field(default_factory=DataSpec, description="Seed data for router_init=ppl.")
     check_base: bool = Field(True, description="Refuse experts whose weights are not close to the base (fingerprint).")
@@ -548,6 +576,28 @@ class MixConfig(_Section):
                              "for a full fine-tune to count as one of the base (an unrelated model of equal norm is near 1.41).")
     export: ExportSpec = Field(default_factory=ExportSpec)
     force: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompts_as_given(cls, data):
+        """prompts from a file, from a mapping keyed by expert, or as one positive string per expert."""
+        if not isinstance(data, dict) or data.get("prompts") is None:
+            return data
+        prompts = data["prompts"]
+        if isinstance(prompts, (str, Path)):
+            from upcycle.config_io import read_yaml_value
+
+            prompts = read_yaml_value(prompts, "prompts file")
+        if isinstance(prompts, dict):
+            experts = [str(e) for e in data.get("experts") or []]
+            order = {**{str(i): i for i in range(len(experts))}, **{e: i for i, e in enumerate(experts)}}
+            unknown = [k for k in prompts if str(k) not in order]
+            if unknown:
+                raise ValueError(f"prompts: {unknown[0]!r} is not one of the experts ({experts} or their indices)")
+            prompts = [prompts[k] for k in sorted(prompts, key=lambda k: order[str(k)])]
+        if isinstance(prompts, list):
+            prompts = [{"positive": [p]} if isinstance(p, str) else p for p in prompts]
+        return {**data, "prompts": prompts}
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -568,7 +618,7 @@ class MixConfig(_Section):
         if self.router_init in ("prompts", "cheap_embed"):
             if not self.prompts:
                 problems.append(f"{AT}prompts: router_init={self.router_init} needs one {{positive: [...], negative: "
-                                "[...]}} entry per expert")
+                                "[...]} entry per expert (--prompts FILE, or --expert-prompt TEXT once per expert)")
             elif n and len(self.prompts) != n:
                 problems.append(f"{AT}prompts: {len(self.prompts)} entries for {n} experts; give one per expert")
         refuse(problems + export_problems(self.moe, self.export))
@@ -621,10 +671,18 @@ class BranchConfig(_Section):
 class EvalConfig(_Section):
     """`upcycle eval MODEL_DIR`: the built-in suite, routing analysis, and standard benchmarks from local files."""
 
-    model: str = Field(description="A model folder: stock MoE (Mixtral/Qwen-MoE), upcycle format, or a dense model.")
+    model: str = Field(description="A model: stock MoE (Mixtral/Qwen-MoE), upcycle format (compact LoRA-MoE too), or a "
+                       "dense model; a folder, bundled:NAME or a hub id.")
     base: str | None = Field(None, description="The dense base, for compact LoRA-MoE folders saved away from it.")
     out: Path | None = Field(None, description="Results JSON (default: eval_results.json in the model folder).")
-    suite: bool = True
+    tasks: list[str] | None = Field(None, description="lm-evaluation-harness tasks by name, e.g. hellaswag,arc_easy "
+                                    "(or tasks defined in include_path).")
+    include_path: str | None = Field(None, description="A folder of lm-eval task YAMLs (tasks over local files).")
+    num_fewshot: int | None = Field(None, ge=0, description="lm-eval few-shot examples (default: each task's own).")
+    lm_eval_cache: bool = Field(True, description="Keep lm-eval's request cache beside the results (a rerun reuses "
+                                "the model's answers).")
+    suite: bool | None = Field(None, description="Score the built-in suite; default: only when no other benchmark "
+                               "(tasks, mmlu, humaneval, gsm8k) is asked for.")
     suite_data: SuiteSpec = Field(default_factory=SuiteSpec)
     max_items: int | None = Field(None, gt=0, description="Suite test items per domain (default: all).")
     routing: bool = Field(True, description="For MoE models: per-domain routing shares, heatmap and specialization.")
@@ -633,6 +691,16 @@ class EvalConfig(_Section):
     gsm8k: str | None = Field(None, description="A local GSM8K jsonl (question, answer '#### N').")
     limit: int | None = Field(None, gt=0, description="Items per standard benchmark (default: all).")
     batch_size: int = Field(8, gt=0)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _comma_list(cls, v):
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+    def scores_suite(self) -> bool:
+        if self.suite is not None:
+            return self.suite
+        return not (self.tasks or self.mmlu or self.humaneval or self.gsm8k)
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
@@ -779,166 +847,9 @@ def base_problems(dense: dict, where: str, moe: MoESpec | None = None, export: E
         problems.append(f"{prefix}moe.layers: {out_of_range} out of range; the base has layers 0..{n_layers - 1}")
     fmt = MOE_FORMATS.get(export.format) if export is not None else None
     if fmt is not None and not out_of_range:
-        reason = fmt.why_not(dense, moe)
+        from upcycle.dense_config import format_problem
+
+        reason = format_problem(fmt, dense, moe)
         if reason:
             problems.append(f"{prefix}export.format: {reason}")
     return problems
-
-
-# ---------------------------------------------------------------- loading and overrides
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """['moe.top_k=4', 'base=/m'] -> nested dict; values are parsed as YAML scalars/lists."""
-    nested: dict[str, Any] = {}
-    bad = []
-    for item in items:
-        if "=" not in item:
-            bad.append(f"override {item!r}: expected key=value (e.g. moe.top_k=2)")
-            continue
-        key, raw = item.split("=", 1)
-        try:
-            value = load_yaml(raw, f"override {key.strip()}") if raw != "" else ""
-        except UpcycleError as e:
-            if "not valid YAML" not in str(e):
-                raise
-            value = raw
-        set_dotted(nested, key.strip(), value)
-    if bad:
-        raise UpcycleError(*bad)
-    return nested
-
-
-def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    node = tree
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise UpcycleError(f"override {dotted}: {part} is a value, not a section")
-    node[parts[-1]] = value
-
-
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def read_yaml(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
-    """A YAML mapping (size- and alias-bounded: upcycle/io/user_files.py). `extends:` names the file(s)
-    this one builds on, relative to it: one path, or a list merged left to right (a later file
-    overrides an earlier one); this file's own keys override them all."""
-    from upcycle.io.user_files import read_yaml_file
-
-    path = Path(path)
-    data = read_yaml_file(path)
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UpcycleError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
-    parents = data.pop("extends", None)
-    if parents is None:
-        return data
-    if isinstance(parents, str):
-        parents = [parents]
-    if not isinstance(parents, list) or not parents or not all(isinstance(p, str) and p for p in parents):
-        raise UpcycleError(f"{path}: extends: {parents!r}; give a file name or a list of file names "
-                           "(e.g. extends: upit_lora.yaml)")
-    merged: dict[str, Any] = {}
-    for parent in parents:
-        parent_path = (path.parent / parent).resolve()
-        if parent_path in _seen or parent_path == path.resolve():
-            raise UpcycleError(f"{path}: extends {parent} makes a cycle")
-        merged = deep_merge(merged, read_yaml(parent_path, _seen + (path.resolve(), parent_path)))
-    return deep_merge(merged, data)
-
-
-def format_validation_error(err: ValidationError, source: str = "") -> list[str]:
-    where = f"{source}: " if source else ""
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        section = (e.get("ctx") or {}).get("error")
-        if isinstance(section, SectionProblems):
-            prefix = "".join(f"{x}." for x in e["loc"])
-            lines.extend(f"{where}{p}" for p in section.render(prefix))
-        elif e["type"] == "extra_forbidden":
-            lines.append(f"{where}{key}: unknown key; check the spelling (`upcycle validate` lists valid keys in the error context)")
-        elif e["type"] == "missing":
-            lines.append(f"{where}{key}: required, not given")
-        else:
-            got = e.get("input")
-            lines.append(f"{where}{key}: {e['msg']} (got {got!r})")
-    return lines
-
-
-def load_config(schema: type[BaseModel], path: str | Path | None = None, overrides: list[str] | None = None,
-                values: dict[str, Any] | None = None):
-    """Build a validated `schema` instance from a YAML file, explicit values and key=value overrides.
-
-    Later sources win: file < values (CLI flags) < overrides. All problems are raised together, the
-    sections' cross-field ones (their validators) included.
-    """
-    data: dict[str, Any] = read_yaml(path) if path else {}
-    if values:
-        data = deep_merge(data, values)
-    if overrides:
-        data = deep_merge(data, parse_overrides(overrides))
-    try:
-        return schema.model_validate(data)
-    except ValidationError as e:
-        raise UpcycleError(*format_validation_error(e, str(path) if path else "")) from None
-
-
-def dump_config(cfg: BaseModel, path: Path) -> None:
-    """Write the resolved config (every default filled in) as YAML."""
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
-
-
-EVAL_KEYS = ("evaluate", "eval_max_items", "eval_checkpoints")
-"""What is scored, not what is trained: left out of a stage's config hash, so changing them
-re-evaluates a finished stage and never retrains it (pipeline.py)."""
-
-
-def config_hash(cfg: BaseModel, exclude: set[str] = frozenset({"force", "out", *EVAL_KEYS}),
-                anchor: str | Path | None = None) -> str:
-    """A stable hash of everything that changes a stage's trained result (not where it is written,
-    not how it is scored).
-
-    It does not depend on where the run folder lies, so a run folder can be moved: a path in the
-    config that lies inside the anchor folder is hashed as `<anchor>/` plus its path relative to it
-    (the saved config keeps the path as given). The anchor is the parent of the stage's `out` (for a
-    recipe's stage: the run folder, which the pipeline passes as `anchor`); the branch stage passes
-    its own anchor to its per-domain prepare runs, whose data lies in the branch folder beside them.
-    A config without `out` and no anchor hashes its paths as they are.
-    """
-    import hashlib
-    import json
-
-    if anchor is None and getattr(cfg, "out", None) is not None:
-        anchor = Path(cfg.out).parent
-    data = cfg.model_dump(mode="json", by_alias=True, exclude=set(exclude))
-    if anchor is not None:
-        data = _anchored(data, os.path.abspath(anchor))
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _anchored(value: Any, anchor: str) -> Any:
-    """`value` with each path string inside `anchor` (an absolute folder) written relative to it;
-    a path after a `name:` prefix (post_train's `prepare:FOLDER`) too."""
-    if isinstance(value, dict):
-        return {k: _anchored(v, anchor) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_anchored(v, anchor) for v in value]
-    if not isinstance(value, str):
-        return value
-    head, colon, tail = value.partition(":")
-    prefix, path = (head + colon, tail) if colon and head.isidentifier() else ("", value)
-    if not (os.path.isabs(path) or "/" in path or os.sep in path):  # a name (suite, bundled:..., lora), not a path
-        return value
-    full = os.path.abspath(path)
-    if full != anchor and not full.startswith(anchor.rstrip(os.sep) + os.sep):
-        return value
-    return prefix + Path("<anchor>", os.path.relpath(full, anchor)).as_posix()

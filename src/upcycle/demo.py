@@ -84,7 +84,7 @@ def results_table(rows: list[tuple[str, dict]]) -> str:
 def upit_part(workdir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from upcycle.config import load_config
+    from upcycle.config_io import load_config
     from upcycle.eval.checkpoints import suite_test_items
     from upcycle.eval.routing import plot_routing, routing_shares, specialization, suite_texts
     from upcycle.export.load import load_moe

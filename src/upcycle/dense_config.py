@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import CONFIG_MAPPING
 
-from upcycle.architectures import ATTENTION_FORMS, COMMON_CONFIG_KEYS, dense_architecture
+from upcycle.architectures import ATTENTION_FORMS, COMMON_CONFIG_KEYS, WINDOW_SPELLING, dense_architecture
 from upcycle.errors import UpcycleError
 from upcycle.io.user_files import read_json_object
 
@@ -158,9 +158,41 @@ def facts_mismatch(dense, moe) -> str | None:
     return None
 
 
-def carried_mismatch(dense_cfg: dict, fmt, spec) -> str | None:
-    """Build the config `fmt` would write for this dense config and compare their forward facts."""
+def attention_keys(target_type: str, dense: dict) -> dict:
+    """The target class's keys for the dense model's attention biases and sliding windows.
+
+    Spelled from the dense model's facts, not copied by name: a Mistral window becomes Qwen2-MoE
+    layer types, a Qwen2 q/k/v bias becomes qkv_bias. What cannot be spelled is caught by the
+    fact comparison in `format_problem`.
+    """
+    facts = forward_facts(config_object(dense))
+    form = ATTENTION_FORMS[target_type]
+    out: dict = {}
+    for attr, value in zip((form.qkv_bias, form.o_bias), facts["attention bias (q/k/v, o)"]):
+        if isinstance(attr, str):
+            out.setdefault(attr, value)
+    out.update(WINDOW_SPELLING[form.window](facts["sliding window per layer"]))
+    return out
+
+
+def format_config(fmt, dense_cfg: dict, spec, expert_width: int, shared_width: int, intermediate: int,
+                  dense_layers: list[int]) -> dict:
+    """The config values MoE format `fmt` (architectures.MoEFormat) writes for this dense model."""
+    return fmt.make_config(dense_cfg, spec, expert_width, shared_width, intermediate, dense_layers,
+                           attention_keys(fmt.model_type, dense_cfg))
+
+
+def format_problem(fmt, dense_cfg: dict, spec) -> str | None:
+    """None if format `fmt` expresses the MoE of this (normalized) dense config exactly; otherwise the
+    reason, for the error message: what it cannot express at all, or the first forward fact that
+    the config it would write changes."""
+    structural = fmt.structural_problem(dense_cfg, spec)
+    if structural:
+        return structural
     intermediate = dense_cfg["intermediate_size"]
     width = max(1, intermediate // spec.granularity)
-    values = fmt.make_config(dense_cfg, spec, width, width * spec.num_shared_experts, intermediate, [])
-    return facts_mismatch(config_object(dense_cfg), config_object(values))
+    values = format_config(fmt, dense_cfg, spec, width, width * spec.num_shared_experts, intermediate, [])
+    mismatch = facts_mismatch(config_object(dense_cfg), config_object(values))
+    if mismatch:
+        return f"format {fmt.name} cannot reproduce this {dense_cfg.get('model_type')} model: {mismatch}"
+    return None

@@ -104,6 +104,7 @@ class PrepareManifest(TrainedStageManifest):
     stage: Literal["prepare"]
     mode: Literal["lora", "full"]
     base: str
+    base_source: dict[str, Any] | None = None       # models.ModelRef.record(): name as given, hub repo and commit
     train_report: dict[str, Any] | None = None     # data/encode.py DataReport: samples, tokens, truncated, ...
 
 
@@ -230,7 +231,7 @@ MANIFEST_MODELS: dict[str, type[StageManifest]] = {
 
 def validate_manifest(data: dict, stage: str, source: str | Path) -> StageManifest:
     """`data` as the stage's typed model; an error names the file and each bad key."""
-    from upcycle.config import format_validation_error
+    from upcycle.config_io import format_validation_error
 
     try:
         return MANIFEST_MODELS[stage].model_validate(data)

@@ -32,8 +32,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from upcycle.config import (AT, EVAL_KEYS, BranchConfig, DataSpec, ExpandConfig, MixConfig, PostTrainConfig,
-                            PrepareConfig, RouteConfig, _Section, base_problems, config_hash, dump_config, refuse)
+from upcycle.config import (AT, EVALUATE_HELP, BranchConfig, DataSpec, Evaluate, ExpandConfig, MixConfig, PostTrainConfig,
+                            PrepareConfig, RouteConfig, _Section, base_problems, refuse, scores_suite)
+
+from upcycle.config_io import EVAL_KEYS, config_hash, dump_config
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import atomic_write_text
 from upcycle.manifest import MANIFEST, json_object, read_manifest, stored_path
@@ -69,10 +71,12 @@ class RunConfig(_Section):
     post_train: PostTrainConfig = Field(default_factory=PostTrainConfig)
     branch: BranchConfig = Field(default_factory=BranchConfig)
     mix: MixConfig = Field(default_factory=MixConfig)
-    evaluate: bool = True
+    evaluate: Evaluate = Field("auto", description=EVALUATE_HELP)
     eval_max_items: int | None = Field(None, gt=0)
     eval_checkpoints: Literal["all", "last"] = Field("all", description="prepare: score every stage-1 checkpoint (Figure 2) "
                                                      "or only the last")
+    report_to: list[str] | None = Field(None, description="Where every training stage sends the Trainer's logs, e.g. "
+                                        "[tensorboard] or [wandb] (a stage's own train.report_to wins).")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -239,9 +243,16 @@ def implied_values(run: RunConfig) -> dict[str, dict]:
 def stage_configs(run: RunConfig) -> dict[str, object]:
     """Each stage's full config: the recipe's section with the run-wide values and paths filled in."""
     connected = links(run)
-    return {stage: getattr(run, stage).model_copy(update={**{k: getattr(run, k) for k in SHARED[stage]},
-                                                          **connected[stage]})
-            for stage in run.stages}
+    configs = {stage: getattr(run, stage).model_copy(update={**{k: getattr(run, k) for k in SHARED[stage]},
+                                                             **connected[stage]})
+               for stage in run.stages}
+    if run.report_to is not None:  # logging only: not in any config hash (config_io.LOGGING_KEYS)
+        for stage, cfg in configs.items():
+            for section in (cfg, getattr(cfg, "ppl", None)):
+                train = getattr(section, "train", None)
+                if train is not None and "report_to" not in train.model_fields_set:
+                    section.__dict__["train"] = train.model_copy(update={"report_to": list(run.report_to)})
+    return configs
 
 
 def check_base(run: RunConfig) -> None:
@@ -269,7 +280,7 @@ def check_base(run: RunConfig) -> None:
 
 
 def _read_config(name: str, what: str = "base") -> tuple[list[str], dict | None]:
-    from upcycle.bundled import resolve_model
+    from upcycle.models import resolve_model
     from upcycle.errors import UpcycleError
     from upcycle.io.model_folder import ModelFolder
 
@@ -406,7 +417,7 @@ def _plan(cfg: RunConfig, cfgs: dict, redo: list[str], lock: contextlib.ExitStac
     problems = config_data_problems(cfg)  # the data files, and the seed set against their rows
     if problems:
         raise UpcycleError(*problems)
-    if cfg.evaluate:
+    if scores_suite(cfg.evaluate, cfg.data):
         from upcycle.eval.sandbox import require_isolation
         require_isolation()  # scoring the suite's code domain needs the sandbox: refuse now, not after training
     check_not_an_input(out, _inputs_of(cfg))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 from upcycle.config import DataSpec
 from upcycle.data.dataset import DataReport, InstructionDataset, encode_all, pack
@@ -38,7 +37,7 @@ def load_spec_conversations(paths: list[str], spec: DataSpec) -> tuple[list[Conv
                  for i, row in enumerate(suite.rows("train"))]
         report = LoadReport(rows=len(convs), conversations=len(convs))
         return convs, report
-    return load_conversations([Path(p) for p in paths], spec.schema_, spec.on_bad_row, spec.system_prompt)
+    return load_conversations(paths, spec.schema_, spec.on_bad_row, spec.system_prompt, spec.columns)
 
 
 def build_datasets(spec: DataSpec, tokenizer, seed: int) -> Datasets:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import islice
-from pathlib import Path
 
 from upcycle.errors import UpcycleError
 
@@ -33,7 +32,7 @@ def check_data(spec, key: str = "data") -> DataCheck:
             try:
                 rows = _check_entry(entry, spec)
             except UpcycleError as e:
-                result.problems += [f"{key}.{part}: {p}" for p in e.problems]
+                result.problems += e.problems
                 rows = None
             if part == "train":
                 result.rows = None if rows is None or result.rows is None else result.rows + rows
@@ -43,28 +42,26 @@ def check_data(spec, key: str = "data") -> DataCheck:
 
 
 def _check_entry(entry: str, spec) -> int | None:
-    from upcycle.data.instructions import count_rows, detect_schema, iter_rows, to_conversation
+    from upcycle.data.instructions import count_rows, detect_schema, iter_rows, map_columns, to_conversation, unknown_schema
 
     if entry == "suite":
         from upcycle.suite.mixes import make_suite
 
         return len(make_suite(spec.suite).rows("train"))
-    path = Path(entry)
     schema = None if spec.schema_ == "auto" else spec.schema_
-    for source, row in islice(iter_rows(path), PEEK_ROWS):
+    for source, row in islice(iter_rows(entry), PEEK_ROWS):
+        row = map_columns(row, spec.columns)
         schema = schema or detect_schema(row)
         if schema is None:
-            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise UpcycleError(f"{source}: unknown schema (keys {keys}); expected instruction/input/output or "
-                               "messages, or set data.schema")
+            raise unknown_schema(source, row)
         if spec.on_bad_row == "error":
             try:
                 to_conversation(row, schema, source)
             except ValueError as e:
-                raise UpcycleError(f"{source}: {e} (set data.on_bad_row=skip to skip such rows)") from None
-    rows = count_rows(path)
+                raise UpcycleError(f"data {source}: {e} (set data.on_bad_row=skip to skip such rows)") from None
+    rows = count_rows(entry)
     if rows == 0:
-        raise UpcycleError(f"{path}: holds no rows")
+        raise UpcycleError(f"data {entry}: holds no rows")
     return rows
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
-from upcycle.data.encode import IGNORE_INDEX, Encoded, encode
+from upcycle.data.encode import IGNORE_INDEX, Encoded, encode, template_name
 from upcycle.data.instructions import Conversation
 from upcycle.errors import UpcycleError
 
@@ -27,12 +27,15 @@ class DataReport:
     dropped_no_response: int = 0
     blocks: int | None = None
     by_domain: dict = field(default_factory=dict)
+    chat_template: str = ""  # which template rendered the conversations (data/encode.py: template_name)
 
     def summary(self) -> str:
         s = (f"{self.samples} samples, {self.tokens} tokens ({self.response_tokens} in responses)"
              f", {self.truncated} truncated, {self.dropped_no_response} dropped (no response left after truncation)")
         if self.blocks is not None:
             s += f", packed into {self.blocks} blocks"
+        if self.chat_template:
+            s += f"; chat template: {self.chat_template}"
         return s
 
 
@@ -51,7 +54,7 @@ class InstructionDataset(Dataset):
 
 
 def encode_all(convs: list[Conversation], tokenizer, max_length: int, overlong: str) -> tuple[list[Encoded], DataReport]:
-    report = DataReport()
+    report = DataReport(chat_template=template_name(tokenizer))
     out = []
     for conv in convs:
         enc, truncated = encode(conv, tokenizer, max_length, overlong)

@@ -42,6 +42,16 @@ def chat_template(tokenizer) -> str:
     return tokenizer.chat_template or PLAIN_TEMPLATE
 
 
+def template_name(tokenizer) -> str:
+    """Which template renders the data, in words, for the run's report and manifest."""
+    import hashlib
+
+    if not tokenizer.chat_template:
+        return "upcycle's plain fallback (### Instruction / ### Response; the tokenizer has no chat template)"
+    digest = hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()[:12]
+    return f"the tokenizer's own (sha256 {digest})"
+
+
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, chat_template=chat_template(tokenizer), tokenize=False,
                                          add_generation_prompt=add_generation_prompt)

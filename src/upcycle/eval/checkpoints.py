@@ -63,7 +63,7 @@ def evaluate_checkpoints(manifest: Manifest, base: Path, cfg, tokenizer, progres
             model = loaded["peft"]
         else:
             model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=compute_dtype(cfg.train)).to(accelerator())
-        result = evaluate_items(model, tokenizer, items)
+        result = evaluate_items(model, tokenizer, items, progress=progress and dist.world_size() == 1)
         return {"scores": result["scores"], "average": result["average"], "scored_with": signature}
 
     for start in range(0, len(todo), dist.world_size()):

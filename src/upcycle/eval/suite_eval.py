@@ -31,7 +31,8 @@ def prompt_text(tokenizer, item: Item) -> str:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32, progress: bool = False,
+             desc: str = "generating") -> list[str]:
     """Greedy completions, without the prompt; stops at the tokenizer's end-of-turn (eos) token.
 
     The key/value cache is asked for explicitly: a model just out of the Trainer has
@@ -41,7 +42,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     tokenizer.padding_side = "left"
     outs = []
     try:
-        for i in range(0, len(prompts), batch_size):
+        for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, unit="batch"):
             batch = to_model_device(tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
                                               add_special_tokens=False), model)
             gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
@@ -129,8 +130,9 @@ def evaluate_items(model, tokenizer, items: list[Item], progress: bool = False, 
                     outputs.append({"domain": domain, "prompt": item.prompt, "output": item.options[choice],
                                     "score": per_domain[domain][-1]})
             continue
-        texts = generate(model, tokenizer, [prompt_text(tokenizer, i) for i in todo], new_token_budget(todo[0]), batch_size)
-        for item, text in tqdm(list(zip(todo, texts)), desc=domain, disable=not progress):
+        texts = generate(model, tokenizer, [prompt_text(tokenizer, i) for i in todo], new_token_budget(todo[0]), batch_size,
+                         progress=progress, desc=f"{domain}: generating")
+        for item, text in tqdm(list(zip(todo, texts)), desc=f"{domain}: scoring", disable=not progress):
             if domain == "code":
                 score, _ = score_code(text, item.tests)
             elif domain == "math":

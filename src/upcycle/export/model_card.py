@@ -58,6 +58,7 @@ class CardFacts:
     parameters: dict                          # {"total": n, "active": n}
     dtype: str
     base_model: str | None = None             # hub id, else the base folder's name
+    base_revision: str | None = None          # the hub commit of the base, when it came from the hub
     base_card: dict = field(default_factory=dict)  # CARRIED_KEYS from the base's front matter
     method: str | None = None                 # a key of METHODS; None: derived from init
     init: dict | None = None                  # InitSpec, as model_dump(mode="json")
@@ -65,7 +66,7 @@ class CardFacts:
     data: list[str] = field(default_factory=list)    # training data, as configured
     scores: dict | None = None                # {task: score} when measured
     tool: str = "upcycle"                     # the command that wrote the folder
-    compact_base: str | None = None           # compact LoRA storage: the dense folder it loads onto
+    compact_base: str | None = None           # compact LoRA storage: the dense model it loads onto (name, fingerprint)
 
 
 def read_front_matter(readme: Path) -> dict:
@@ -85,11 +86,16 @@ def base_identity(base: str | Path | None, dense_cfg: dict) -> tuple[str | None,
     transformers 4 carry it), or the model the base's card says it is a quantized copy of (the
     bundled SmolLM2), else the base folder's name.
     """
+    from upcycle.models import hub_repo_of
+
     name_or_path = str(dense_cfg.get("_name_or_path") or "")
     folder = Path(base) if base else (Path(name_or_path) if name_or_path and Path(name_or_path).is_dir() else None)
     meta = read_front_matter(folder / "README.md") if folder is not None and (folder / "README.md").is_file() else {}
     upstream = meta.get("base_model") if meta.get("base_model_relation") == "quantized" else None
-    if HUB_ID.match(name_or_path) and not Path(name_or_path).exists():
+    cached = hub_repo_of(folder) if folder is not None else None
+    if cached:  # a snapshot in the Hugging Face cache: its hub id, never the cache path
+        base_model = cached[0]
+    elif HUB_ID.match(name_or_path) and not Path(name_or_path).exists():
         base_model = name_or_path
     elif isinstance(upstream, str) and HUB_ID.match(upstream):
         base_model = upstream
@@ -140,6 +146,8 @@ def model_card(facts: CardFacts) -> str:
     base = facts.base_model or "a dense model"
     if facts.base_model and HUB_ID.match(facts.base_model):
         base = f"[{facts.base_model}](https://huggingface.co/{facts.base_model})"
+        if facts.base_revision:
+            base += f" (commit `{facts.base_revision[:12]}`)"
     how = ""
     if method:
         _, title, ref = METHODS[method]

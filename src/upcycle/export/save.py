@@ -24,12 +24,17 @@ from transformers import AutoConfig
 
 from upcycle.architectures import FORMAT_PREFERENCE, MOE_FORMATS, OWN_FORMAT, MoEFormat
 from upcycle.config import ExportSpec, MoESpec, parse_size
+from upcycle.dense_config import format_config, format_problem
 from upcycle.errors import UpcycleError
 from upcycle.export.model_card import CardFacts, base_identity, model_card
 from upcycle.export.plan import PlanEntry, build_plan, write_plan
 from upcycle.io.atomic import atomic_dir, check_output_size, atomic_write_text
+from upcycle.models import hub_repo_of
 from upcycle.moe.layer import LayerDims
 
+MODEL_DIR = "model"
+"""Where a stage (mix, route with trained experts, post-train) writes the model it makes: OUT/model,
+beside its records (build and merge, whose out folder is nothing but the model, write OUT itself)."""
 OWN_META = "upcycle_moe.json"
 PROVENANCE = "upcycle_provenance.json"
 CARD = "README.md"
@@ -50,14 +55,32 @@ def resolve_format(requested: str, dense_cfg: dict, spec: MoESpec, lora_storage:
         return OWN_FORMAT
     if requested == "auto":
         for name in FORMAT_PREFERENCE:
-            if MOE_FORMATS[name].why_not(dense_cfg, spec) is None:
+            if format_problem(MOE_FORMATS[name], dense_cfg, spec) is None:
                 return MOE_FORMATS[name]
         return OWN_FORMAT
     fmt = MOE_FORMATS[requested]
-    reason = fmt.why_not(dense_cfg, spec)
+    reason = format_problem(fmt, dense_cfg, spec)
     if reason:
         raise UpcycleError(f"export.format: {reason}")
     return fmt
+
+
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+UNTIED_BY_DEFAULT = ("qwen2_moe",)  # llama.cpp's Qwen2-MoE loader requires output.weight (its others fall back)
+
+
+def unties_head(export: ExportSpec, target: MoEFormat | str, dense_cfg: dict, passthrough: dict, compact: bool) -> bool:
+    """Whether the head of a tied-embedding model is written as its own tensor (ExportSpec.untie_embeddings)."""
+    if compact or target == OWN_FORMAT or not dense_cfg.get("tie_word_embeddings") or EMBED not in passthrough \
+            or HEAD in passthrough:
+        return False
+    if export.untie_embeddings == "auto":
+        return target.name in UNTIED_BY_DEFAULT
+    return bool(export.untie_embeddings)
+
+
+def plan_dtype(plan: list[PlanEntry], name: str) -> torch.dtype:
+    return next(e.dtype for e in plan if e.name == name)
 
 
 def format_name(target: MoEFormat | str) -> str:
@@ -68,7 +91,7 @@ def native_config(fmt: MoEFormat, dense_cfg: dict, spec: MoESpec, dims: LayerDim
                   out_dtype: torch.dtype | None):
     """The target class's config, built through transformers' own config class (so it validates)."""
     dense_layers = [l for l in range(dense_cfg["num_hidden_layers"]) if l not in moe_layers]
-    values = fmt.make_config(dense_cfg, spec, dims.expert_width, dims.shared_width, dims.intermediate, dense_layers)
+    values = format_config(fmt, dense_cfg, spec, dims.expert_width, dims.shared_width, dims.intermediate, dense_layers)
     if out_dtype is not None:
         values["dtype"] = str(out_dtype).removeprefix("torch.")
     model_type = values.pop("model_type")
@@ -95,17 +118,24 @@ def write_moe_folder(
                                        moe_dtype, out_dtype, compact=compact)
     if target != OWN_FORMAT:
         config = native_config(target, dense_cfg, spec, dims, moe_layers, out_dtype)
+        if unties_head(export, target, dense_cfg, passthrough, compact):
+            embed = passthrough[EMBED]
+            plan.append(PlanEntry(HEAD, tuple(embed[0]), plan_dtype(plan, EMBED), (("tensor", EMBED),)))
+            config.tie_word_embeddings = False
     unknown = set(card or {}) - CARD_KEYS
     if unknown:
         raise TypeError(f"write_moe_folder: card keys {sorted(unknown)} are not among {sorted(CARD_KEYS)}")
     made = {**(provenance or {}), **(card or {})}
     base_model, base_card = base_identity(made.get("base"), dense_cfg)
+    cached = hub_repo_of(Path(made["base"])) if made.get("base") else None
     facts = CardFacts(
         name=Path(out).name, spec=spec.model_dump(mode="json"), format=format_name(target),
         model_class=None if target == OWN_FORMAT else target.hf_class, moe_layers=len(moe_layers),
         num_layers=dense_cfg["num_hidden_layers"], parameters=parameter_counts(plan, spec),
         dtype=str(out_dtype or moe_dtype).removeprefix("torch."), base_model=base_model, base_card=base_card,
-        compact_base=base_ref["path"] if compact and base_ref else None,
+        base_revision=cached[1] if cached else None,
+        compact_base=f"{base_model or Path(base_ref['path']).name}, fingerprint {base_ref['fingerprint']}"
+        if compact and base_ref else None,
         **{k: made[k] for k in CARD_KEYS - {"base"} if made.get(k) is not None})
     planned_bytes = sum(e.planned().nbytes for e in plan)
     if input_bytes is not None:
@@ -155,7 +185,7 @@ def parameter_counts(plan: list[PlanEntry], spec: MoESpec) -> dict[str, int]:
 
 def save_moe(model, out: str | Path, format: str = "auto", dtype: str = "auto", max_shard_size: str = "2GB",
              lora_storage: str = "materialize", force: bool = False, tokenizer=None, base_path: str | Path | None = None,
-             progress: bool = True, card: dict | None = None) -> dict:
+             progress: bool = True, card: dict | None = None, untie_embeddings: bool | str = "auto") -> dict:
     """Save an in-memory MoE (from `upcycle_model`) as a native transformers MoE or the own format.
 
     For compact LoRA storage, `base_path` names the dense folder the adapters are loaded back onto.
@@ -168,7 +198,8 @@ def save_moe(model, out: str | Path, format: str = "auto", dtype: str = "auto", 
     spec: MoESpec = getattr(model, "upcycle_spec", None)
     if spec is None:
         raise UpcycleError("save_moe: this model has no MoE layers; upcycle it first (upcycle_model)")
-    export = ExportSpec(format=format, dtype=dtype, max_shard_size=max_shard_size, lora_storage=lora_storage)
+    export = ExportSpec(format=format, dtype=dtype, max_shard_size=max_shard_size, lora_storage=lora_storage,
+                        untie_embeddings=untie_embeddings)
     dense_cfg = model.config.to_dict()
     # The Trainer switches the cache off for training (TrainingArguments.use_cache is False); the
     # shipped model generates with it, as every stock config does by default.

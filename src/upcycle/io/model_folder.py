@@ -59,7 +59,8 @@ class ModelFolder:
         self.path = Path(path)
         self.what = what
         if not self.path.exists():
-            raise UpcycleError(f"{what} {self.path}: folder not found; give a local Hugging Face model folder")
+            raise UpcycleError(f"{what} {self.path}: folder not found; give a local Hugging Face model folder, a "
+                               "bundled:NAME (`upcycle models` lists them) or a hub id org/name[@revision]")
         if not self.path.is_dir():
             raise UpcycleError(f"{what} {self.path}: not a folder; give a local Hugging Face model folder")
         cfg_path = self.path / "config.json"

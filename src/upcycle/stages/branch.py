@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-from upcycle.config import BranchConfig, PrepareConfig, config_hash, dump_config
+from upcycle.config import BranchConfig, PrepareConfig
+
+from upcycle.config_io import config_hash, dump_config
 from upcycle.data import self_generate as sg
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import atomic_write_text, claim_output
@@ -81,7 +83,7 @@ def run(cfg: BranchConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
 
     def inputs():  # data errors before anything is written, shown once
-        base = check_base(cfg.base)
+        base = check_base(cfg.base).path
         claim_output(out, [base, *cfg.data.local_files()], cfg.force, resumable=True)
         groups = domain_rows(cfg, AutoTokenizer.from_pretrained(base))
         seeds = {d: sg.pick_seeds(convs, cfg.seed_per_domain, cfg.seed, d) for d, convs in groups.items()} \

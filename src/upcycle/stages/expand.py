@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from upcycle.config import ExpandConfig, config_hash, dump_config
+from upcycle.config import ExpandConfig
+
+from upcycle.config_io import config_hash, dump_config
 from upcycle.devices import accelerator
 from upcycle.errors import UpcycleError
 from upcycle.experts import Key, ffn_name, lora_factors_from_delta, open_expert
@@ -38,6 +40,7 @@ from upcycle.io.user_files import read_json_object
 from upcycle.manifest import Manifest, read_manifest, resolve_path, sha256_files, stored_path
 from upcycle.merge import ops
 from upcycle.routing.diversity import pool_diversity
+from upcycle.eval.plots import plot_similarity
 from upcycle.seeding import generator
 
 
@@ -340,26 +343,3 @@ def _expand(cfg: ExpandConfig, progress: bool) -> dict:
     plot_similarity(final, records, cfg.similarity, out / "similarity.png")
     return {"out": str(out), "experts": len(records), "children": len(manifest.data["lineage"]),
             "seconds": time.perf_counter() - started}
-
-
-def plot_similarity(sim: torch.Tensor, records: list[dict], metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values = sim.numpy() if metric == "cosine" else -sim.numpy()
-    labels = [f"ck{r['checkpoint']}" if r["origin"] == "checkpoint" else f"child{r['index']}" for r in records]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1 + 0.55 * len(labels)))
-    im = ax.imshow(values, cmap="viridis")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    for i in range(len(labels)):
-        for j in range(len(labels)):
-            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if values[i, j] < values.mean() else "black")
-    fig.colorbar(im, ax=ax, label="cosine similarity of task vectors" if metric == "cosine" else "L2 distance")
-    ax.set_title("Expert pool after expansion")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

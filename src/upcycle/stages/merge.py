@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from upcycle.bundled import resolve_model
-from upcycle.config import MergeConfig, dump_config, parse_size
+from upcycle.models import resolve_model
+from upcycle.config import MergeConfig, parse_size
+from upcycle.config_io import dump_config
 from upcycle.errors import UpcycleError
 from upcycle.export.model_card import merge_card
 from upcycle.export.plan import PlanEntry, write_plan

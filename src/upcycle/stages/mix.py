@@ -15,7 +15,7 @@ embedding of the prompts, `random` a seeded draw. The folder is then streamed te
 (export/save.py's `write_moe_folder`), as `upcycle build` writes; only `ppl` and `prompts` hold
 the MoE in memory (they run it).
 
-Output folder: `moe/` (the MoE, export.format), `manifest.json` (experts, their checks, the
+Output folder: `model/` (the MoE, export.format), `manifest.json` (experts, their checks, the
 routing report), `routers.safetensors`. The manifest also has the fields `upcycle post-train`
 reads from an expand stage (`base`, `kind`, `experts`), so a recipe post-trains `moe/`.
 """
@@ -30,8 +30,11 @@ from types import SimpleNamespace
 
 import torch
 
-from upcycle.config import MixConfig, MoESpec, config_hash, dump_config
+from upcycle.config import MixConfig, MoESpec
+
+from upcycle.config_io import config_hash, dump_config
 from upcycle.errors import UpcycleError
+from upcycle.export.save import MODEL_DIR
 from upcycle.experts import FFN_RE, LoRAExpert, common_scaling, open_expert
 from upcycle.io.model_folder import ModelFolder
 from upcycle.io.user_files import read_json_object
@@ -39,7 +42,7 @@ from upcycle.manifest import Manifest, read_manifest, resolve_path, stored_path
 from upcycle.moe.experts import PROJS
 from upcycle.seeding import generator
 
-MODEL = "moe"  # the name post-train looks for in a route-like folder (stages/post_train.py)
+MODEL = MODEL_DIR  # the MoE's folder, where post-train looks in a route-like folder (stages/post_train.py)
 ROUTERS = "routers.safetensors"
 # Base-config keys an expert of that base must share.
 SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -52,9 +55,12 @@ FINGERPRINT_SAMPLES = 4
 
 
 def expert_paths(cfg: MixConfig) -> list[str]:
-    """The expert folders: given directly, or the branch stage's per-domain experts in domain order."""
+    """The expert folders: given directly (folders or hub ids of fine-tunes and adapters), or the branch
+    stage's per-domain experts in domain order."""
+    from upcycle.models import resolve_model
+
     if cfg.branch is None:
-        return list(cfg.experts)
+        return [str(resolve_model(e, f"experts[{i}]")) for i, e in enumerate(cfg.experts)]
     return [str(resolve_path(d.expert, cfg.branch)) for d in read_manifest(cfg.branch, "branch").domains]
 
 
@@ -82,7 +88,7 @@ class Mixture:
 
 def open_mixture(base: str | Path, paths: list[str], check_base: bool = True, max_drift: float = 1.0,
                  allow_duplicates: bool = False) -> Mixture:
-    from upcycle.bundled import resolve_model
+    from upcycle.models import resolve_model
 
     if not paths:
         raise UpcycleError("experts: none given; list the fine-tune or adapter folders (experts=[a, b])")
@@ -463,13 +469,14 @@ def ppl_routers(model, cfg: MixConfig, samples: list, tokenizer, out: Path, prog
 def card_info(cfg: MixConfig, mix: Mixture, method: str = "mix") -> dict:
     """What the card says. `method` (mix, btx, self-moe) is passed on once export/model_card.py's
     METHODS knows it; until then the card names it in its stages."""
+    from upcycle.data.instructions import describe_source
     from upcycle.export.model_card import METHODS
 
     kind = "LoRA adapters" if mix.kind == "lora" else "full fine-tunes"
     shared = {"base": "the base's", "average": "the average over the experts"}.get(cfg.shared, f"expert {cfg.shared}'s") \
         if isinstance(cfg.shared, str) else f"expert {cfg.shared}'s"
     return {"tool": "upcycle mix", "base": str(mix.base.path), "method": method if method in METHODS else None,
-            "data": list(cfg.data.train) if cfg.router_init == "ppl" else None,
+            "data": [describe_source(d) for d in cfg.data.train] if cfg.router_init == "ppl" else None,
             "stages": [f"{method}: {len(mix.experts)} experts ({kind} of the base); weights outside the experts: {shared}",
                        f"router init: {cfg.router_init}"]}
 
@@ -482,7 +489,7 @@ def run(cfg: MixConfig, progress: bool = True, method: str = "mix") -> dict:
     from transformers import AutoTokenizer
 
     from upcycle import distributed as dist
-    from upcycle.bundled import resolve_model
+    from upcycle.models import resolve_model
     from upcycle.export.save import resolve_format, write_moe_folder
     from upcycle.io.atomic import atomic_write_file, claim_output
 

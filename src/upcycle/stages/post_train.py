@@ -19,19 +19,22 @@ from pathlib import Path
 
 import torch
 
-from upcycle.config import PostTrainConfig, config_hash, dump_config
+from upcycle.config import PostTrainConfig, scores_suite
+
+from upcycle.config_io import config_hash, dump_config
 from upcycle.errors import UpcycleError
+from upcycle.export.save import MODEL_DIR
 from upcycle.io.atomic import claim_output
 from upcycle.manifest import Manifest, json_object, read_manifest, resolve_path
 
 CHECKPOINTS = "checkpoints"
-MODEL = "model"
+MODEL = MODEL_DIR
 
 
 def dense_source(spec: str) -> tuple[Path, Path]:
     """(model folder, tokenizer folder); `prepare:FOLDER` means that prepare run's final model (a LoRA
     adapter merged into its base), whose tokenizer is the base's."""
-    from upcycle.bundled import resolve_model
+    from upcycle.models import resolve_model
 
     if not spec.startswith("prepare:"):
         folder = resolve_model(spec)
@@ -92,9 +95,9 @@ def build_model(cfg: PostTrainConfig):
         routers = None
         if cfg.route is not None:
             read_manifest(cfg.route, ("route", "mix"))  # refuses an unfinished stage (mix also writes routers)
-            if (Path(cfg.route) / "moe" / "upcycle_moe.json").is_file():  # routers and experts were trained
+            if (Path(cfg.route) / MODEL / "upcycle_moe.json").is_file():  # routers and experts were trained
                 from upcycle.export.load import load_moe
-                model = load_moe(Path(cfg.route) / "moe")
+                model = load_moe(Path(cfg.route) / MODEL)
                 cast_parameters(model, dtype)
                 return model, Path(pool.base)
             routers = Path(cfg.route) / "routers.safetensors"
@@ -124,7 +127,9 @@ def card_info(cfg: PostTrainConfig, trainable: str) -> dict:
     """What the exported model's card says about how it was made (see export/model_card.py)."""
     epochs = f"{cfg.train.epochs:g} epoch{'' if cfg.train.epochs == 1 else 's'}"
     train = f"post-train: {epochs}, LM + load-balancing loss (coefficient {cfg.moe.aux_loss_coef:g}), trainable: {trainable}"
-    info = {"tool": "upcycle post-train", "data": list(cfg.data.train)}
+    from upcycle.data.instructions import describe_source
+
+    info = {"tool": "upcycle post-train", "data": [describe_source(d) for d in cfg.data.train]}
     if cfg.source == "upit":
         from upcycle.moe.assemble import pool_from_expand
 
@@ -259,6 +264,7 @@ def run(cfg: PostTrainConfig, progress: bool = True, callbacks: list | None = No
         def export() -> None:  # rank 0 exports (the other ranks hold the same weights: DDP)
             summary = save_moe(model, out / MODEL, format=cfg.export.format, dtype=cfg.export.dtype,
                                max_shard_size=cfg.export.max_shard_size, lora_storage=cfg.export.lora_storage,
+                               untie_embeddings=cfg.export.untie_embeddings,
                                force=True, tokenizer=tokenizer, base_path=token_source, progress=False,
                                card=card_info(cfg, which))
             manifest.data["export"] = {k: summary[k] for k in ("format", "files", "parameters")}
@@ -275,14 +281,15 @@ def run(cfg: PostTrainConfig, progress: bool = True, callbacks: list | None = No
     from upcycle.eval.checkpoints import eval_signature
 
     signature = eval_signature(cfg.data.suite, cfg.eval_max_items)
-    if cfg.evaluate and manifest.data.get("scored_with") != signature:  # not scored yet, or with other settings
+    if scores_suite(cfg.evaluate, cfg.data) and manifest.data.get("scored_with") != signature:  # not scored yet, or with other settings
         from upcycle.eval.checkpoints import suite_test_items
         from upcycle.eval.suite_eval import evaluate_items
 
         def evaluate() -> None:  # rank 0 (generation batches as in one process); the others wait
             scored = model if trained else exported_model(cfg, out / MODEL)
             scored.to(accelerator())  # a rerun that only evaluates has not been placed by the Trainer
-            result = evaluate_items(scored, tokenizer, suite_test_items(cfg.data.suite, cfg.eval_max_items))
+            result = evaluate_items(scored, tokenizer, suite_test_items(cfg.data.suite, cfg.eval_max_items),
+                                    progress=progress)
             manifest.data.update(scores=result["scores"], average=result["average"], scored_with=signature)
             manifest.save()
             update_card(out / MODEL, scores={**result["scores"], "average": result["average"]})

@@ -16,7 +16,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from upcycle.config import PrepareConfig, config_hash, dump_config
+from upcycle.config import PrepareConfig, scores_suite
+
+from upcycle.config_io import config_hash, dump_config
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import claim_output
 from upcycle.manifest import Manifest, stored_path
@@ -43,7 +45,8 @@ def run(cfg: PrepareConfig, progress: bool = True, anchor: Path | None = None) -
         raise UpcycleError("prepare: base= and out= are required")
     dist.init()
     out = Path(cfg.out)
-    base = dist.rank_zero_first(lambda: check_base(cfg.base))
+    ref = dist.rank_zero_first(lambda: check_base(cfg.base))
+    base = ref.path
     inputs = [base, *cfg.data.local_files()]
     dist.on_rank_zero_then_wait(lambda: claim_output(out, inputs, cfg.force, resumable=True))  # before loading anything
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -51,7 +54,7 @@ def run(cfg: PrepareConfig, progress: bool = True, anchor: Path | None = None) -
 
     def open_folder() -> Manifest:
         m = Manifest.open(out, "prepare", config_hash(cfg, anchor=anchor), force=cfg.force, inputs=inputs,
-                          initial={"mode": cfg.mode, "base": stored_path(base, out)})
+                          initial={"mode": cfg.mode, "base": stored_path(base, out), "base_source": ref.record()})
         if not (out / "upcycle_config.yaml").exists():
             dump_config(cfg, out / "upcycle_config.yaml")
         return m
@@ -85,9 +88,9 @@ def run(cfg: PrepareConfig, progress: bool = True, anchor: Path | None = None) -
         dist.on_rank_zero_then_wait(finish, share=False)
         manifest.reload()
         del trainer, model
-    if cfg.evaluate:
+    if scores_suite(cfg.evaluate, cfg.data):
         from upcycle.eval.checkpoints import evaluate_checkpoints
 
         evaluate_checkpoints(manifest, base, cfg, tokenizer, progress=progress)
     return {"out": str(out), "checkpoints": len(manifest.checkpoints), "seconds": time.perf_counter() - started,
-            "data": data.summary()}
+            "model": str(out / manifest.checkpoints[-1]["path"]), "data": data.summary()}

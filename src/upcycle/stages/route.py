@@ -23,13 +23,16 @@ from pathlib import Path
 
 import torch
 
-from upcycle.config import RouteConfig, config_hash, dump_config
+from upcycle.config import RouteConfig
+
+from upcycle.config_io import config_hash, dump_config
 from upcycle.devices import accelerator, cast_parameters, fp32_master_weights
 from upcycle.errors import UpcycleError
 from upcycle.io.atomic import atomic_write_file, atomic_write_text, claim_output
 from upcycle.manifest import Manifest, stored_path
 from upcycle.routing.buckets import assign_buckets, fill_empty_buckets, seed_count, seed_indices
 from upcycle.routing.diversity import seed_diversity
+from upcycle.eval.plots import plot_buckets, plot_owner_share
 from upcycle.routing.loss import router_loss
 from upcycle.routing.scoring import owner_share, score_experts
 from upcycle.train.trainer import make_trainer_class, set_trainable
@@ -151,8 +154,8 @@ def run(cfg: RouteConfig, progress: bool = True) -> dict:
         def write_routers() -> None:
             atomic_write_file(out / ROUTERS, lambda tmp: save_file(routers, tmp, metadata={"format": "pt"}))
             if cfg.trainable == "routers_and_experts":
-                from upcycle.export.save import save_moe
-                save_moe(model, out / "moe", format="upcycle", force=True, progress=False)
+                from upcycle.export.save import MODEL_DIR, save_moe
+                save_moe(model, out / MODEL_DIR, format="upcycle", force=True, progress=False)
 
         dist.on_rank_zero_then_wait(write_routers, share=False)
         share_after = owner_share(model, samples, owners, spec.top_k, pad)
@@ -175,53 +178,3 @@ def _count(items: list) -> dict:
     for x in items:
         out[str(x)] = out.get(str(x), 0) + 1
     return out
-
-
-def plot_buckets(ppl: torch.Tensor, owners: torch.Tensor, domains: list, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    order = torch.argsort(owners, stable=True)
-    rel = ppl.log() - ppl.log().mean(1, keepdim=True)  # per sample: which experts are better than its average
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1.2, 1]})
-    im = a.imshow(rel[order].numpy(), aspect="auto", cmap="coolwarm")
-    a.set_xlabel("expert")
-    a.set_ylabel("seed sample (grouped by owner)")
-    a.set_title("log perplexity minus the sample's mean")
-    fig.colorbar(im, ax=a)
-    n = ppl.shape[1]
-    names = sorted({str(d) for d in domains})
-    bottom = [0] * n
-    for name in names:
-        counts = [sum(1 for d, o in zip(domains, owners.tolist()) if str(d) == name and o == e) for e in range(n)]
-        b.bar(range(n), counts, bottom=bottom, label=name)
-        bottom = [x + y for x, y in zip(bottom, counts)]
-    b.set_xlabel("expert")
-    b.set_ylabel("seed samples owned")
-    b.set_title("bucket sizes by domain")
-    b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_owner_share(before: dict, after: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = range(len(before["top_k"]))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(layers, [100 * x for x in before["top_k"]], "o--", label="before router init (top-k)")
-    ax.plot(layers, [100 * x for x in after["top_k"]], "o-", label="after router init (top-k)")
-    ax.plot(layers, [100 * x for x in after["top_1"]], "s:", label="after (top-1)")
-    ax.set_xlabel("MoE layer")
-    ax.set_ylabel("bucket tokens routed to their owner (%)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -13,6 +13,7 @@ resuming from the one before it.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -119,8 +120,25 @@ def make_recorder(manifest: Manifest, epochs: float, save_every: float, keep_opt
                 with self.lock:
                     manifest.data["optimizer_steps"] = state.global_step
                     manifest.save()
+                write_loss_curve(manifest, state.log_history)
 
     return CheckpointRecorder()
+
+
+LOSS_HISTORY, LOSS_PLOT = "loss_history.json", "loss.png"
+
+
+def write_loss_curve(manifest: Manifest, log_history: list[dict]) -> None:
+    """The stage's train and eval loss per logged step (the Trainer's log history, which a resumed run
+    carries over from its checkpoint), as JSON and as a plot beside the stage's manifest."""
+    from upcycle.eval.plots import plot_loss
+    from upcycle.io.atomic import atomic_write_text
+
+    history = [{k: v for k, v in h.items() if k in ("step", "epoch", "loss", "eval_loss", "learning_rate")}
+               for h in log_history if "loss" in h or "eval_loss" in h]
+    atomic_write_text(manifest.folder / LOSS_HISTORY, json.dumps(history, indent=1))
+    if history:
+        plot_loss(history, manifest.folder / LOSS_PLOT, f"{manifest.data['stage']}: loss")
 
 
 def clean_unlisted_checkpoints(manifest: Manifest, subfolder: str = "checkpoints") -> Path | None:
@@ -128,7 +146,7 @@ def clean_unlisted_checkpoints(manifest: Manifest, subfolder: str = "checkpoints
     listed = {c["path"] for c in manifest.checkpoints}
     folder = manifest.folder / subfolder
     if folder.is_dir():
-        for d in folder.iterdir():
+        for d in folder.glob("checkpoint-*"):  # (runs/: TensorBoard's event files, kept)
             if str(d.relative_to(manifest.folder)) not in listed:
                 shutil.rmtree(d, ignore_errors=True)
     if not manifest.checkpoints:

@@ -12,23 +12,25 @@ from pathlib import Path
 
 import torch
 
-from upcycle.bundled import resolve_model
+from upcycle.models import ModelRef, model_ref
 from upcycle.config import PrepareConfig
 from upcycle.errors import UpcycleError
 from upcycle.io.model_folder import ModelFolder
 from upcycle.moe.model import check_supported
 
 
-def check_base(cfg_base: str) -> Path:
-    base = resolve_model(cfg_base)
-    folder = ModelFolder(base)
+def check_base(cfg_base: str) -> ModelRef:
+    """The base a training stage starts from, resolved (a folder, bundled:NAME or a hub id) and checked."""
+    ref = model_ref(cfg_base, "base")
+    base = ref.path
+    ModelFolder(base)  # config.json and safetensors headers checked (no weights read)
     from transformers import AutoConfig
 
     check_supported(AutoConfig.from_pretrained(base))
     if not any((base / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise UpcycleError(f"base {base}: no tokenizer (tokenizer.json / tokenizer.model); copy the tokenizer files "
                            "of the model it came from into the folder")
-    return folder.path
+    return ref
 
 
 def load_model(base: Path, cfg: PrepareConfig):

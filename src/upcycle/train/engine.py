@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from upcycle.config import LoRATrainSpec, TrainSpec
+from upcycle.config import FSDP_WORDS, LoRATrainSpec, TrainSpec
 
 
 def resolve_precision(train: TrainSpec) -> str:
@@ -59,13 +59,6 @@ def training_arguments(train: TrainSpec, output_dir: Path, seed: int, *, packing
     kwargs.update(fsdp_arguments(train))
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
-
-
-# train.fsdp's words -> TrainingArguments.fsdp_config entries (FSDP2, the Trainer's default version).
-# auto_wrap is the default: accelerate wraps each module class in the model's `_no_split_modules`,
-# the decoder layer for every supported family, so an MoE block is sharded with its layer.
-FSDP_WORDS = {"full_shard": {"reshard_after_forward": True}, "shard_grad_op": {"reshard_after_forward": False},
-              "offload": {"cpu_offload": True}, "auto_wrap": {}}
 
 
 def fsdp_arguments(train: TrainSpec) -> dict:
