@@ -113,6 +113,11 @@ def upit_part(workdir: Path) -> None:
                 print(f"  expansion round {r['round']}: child {r['child']} = DARE({r['alpha']:.2f} * tau_{r['parents'][0]}) "
                       f"+ DARE({1 - r['alpha']:.2f} * tau_{r['parents'][1]})")
             route = read_manifest(upit_dir / "route", "route")
+            pool = read_manifest(upit_dir / "expand", "expand").diversity
+            print(f"  expert pool: checkpoint task-vector cosine {pool['checkpoint_cosine']['mean']:.3f} (mean), "
+                  f"children's cosine to the plain mix of their parents "
+                  f"{sum(r['cosine_to_mix'] for r in lineage['rounds']) / max(1, len(lineage['rounds'])):.2f}; "
+                  f"per-sample perplexity spread {route.diversity['ppl_spread']['median']:.3f} (median)")
             print(f"  seed buckets per expert: {[b.size for b in route.buckets.values()]}")
             before, after = route.share_before.top_k, route.share_after.top_k
             print(f"  bucket tokens routed to their owner (mean over layers): {100 * sum(before) / len(before):.0f}% "
