@@ -14,7 +14,10 @@ Variants of stages 1-3 (prepare, expand, route; no post-training, no scoring), e
     horizon4    the same with the schedule of the whole 4-epoch budget (stage 1 stops half way down)
     constant    the same with a constant rate after warmup
 
-Then, on the pool the recipe ships with, router pre-training with each target (one_hot,
+    shipped     the recipe as it is
+
+A variant already measured under --out is reported, not rerun. Then, on the pool the recipe ships
+with, router pre-training with each target (one_hot,
 positive_only, softmax): the share of each bucket's tokens routed to its owner, before and after.
 Prints one table (and writes it to --out/diversity.md): the pool's checkpoint task-vector cosine,
 the children's cosine to the plain mix of their parents, the per-sample perplexity spread, the
@@ -104,11 +107,16 @@ def main() -> None:
     rows, seconds = {}, {}
     for name in args.variants:
         folder = out / name
-        seconds[name] = run_variant(folder, args.seed, VARIANTS[name])
+        route = folder / "route" / "manifest.json"
+        if route.is_file() and json.loads(route.read_text()).get("complete"):  # measured already: report it
+            seconds[name] = sum(s.get("seconds", 0.0) for s in json.loads((folder / "run.json").read_text())["stages"].values())
+        else:
+            seconds[name] = run_variant(folder, args.seed, VARIANTS[name])
         rows[name] = summary(folder)
         print(f"{name}: {rows[name]} ({seconds[name] / 60:.1f} min)", flush=True)
     shipped = out / "shipped"  # the recipe as it is, for the router-target comparison
     run_variant(shipped, args.seed, [])
+    rows["shipped"], seconds["shipped"] = summary(shipped), run_variant(shipped, args.seed, [])
     targets = {}
     for target in TARGETS:
         folder = out / f"route-{target}"  # each target from the same pool and seed set
