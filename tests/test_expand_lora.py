@@ -146,3 +146,11 @@ def test_concat_without_dropping_is_the_plain_mix(prepared, tmp_path):
 def test_lora_child_rank_is_only_for_delta_svd():
     with pytest.raises(ValueError, match="lora_child_rank: only used with lora_merge=delta_svd"):
         ExpandConfig(lora_child_rank=4)
+
+
+def test_the_factor_space_gram_equals_the_materialized_deltas():
+    g = torch.Generator().manual_seed(0)
+    factors = [(torch.randn(r, 7, generator=g), torch.randn(5, r, generator=g), s) for r, s in ((3, 2.0), (2, 0.5), (4, 1.0))]
+    deltas = [s * (b @ a) for a, b, s in factors]
+    want = torch.tensor([[float((x * y).sum()) for y in deltas] for x in deltas], dtype=torch.float64)
+    assert torch.allclose(expand.lora_gram(factors), want, rtol=1e-6)

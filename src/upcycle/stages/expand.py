@@ -87,13 +87,30 @@ def taus(experts: list, key: Key, base: torch.Tensor) -> torch.Tensor:
     return torch.stack([e.tau(key, base).reshape(-1) for e in experts])
 
 
+def lora_gram(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """<s_i B_i A_i, s_j B_j A_j> for every pair, in factor space (float64): the trace of
+    (B_i^T B_j)(A_j A_i^T), r x r products instead of out x in deltas (exact; a LoRA pool's Gram
+    matrix and child rows never materialize a delta)."""
+    a = [f[0].double() for f in factors]
+    b = [f[1].double() * f[2] for f in factors]
+    n = len(factors)
+    gram = torch.empty(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i, n):
+            gram[i, j] = gram[j, i] = ((b[i].T @ b[j]) * (a[i] @ a[j].T)).sum()
+    return gram
+
+
 def gram_matrices(experts: list, keys: list[Key], base_reader, progress: bool) -> dict[int, torch.Tensor]:
     """Per-layer Gram matrices G_l[i, j] = <tau_i, tau_j> over layer l's MLP parameters (float64)."""
     n = len(experts)
     grams: dict[int, torch.Tensor] = {}
     for key in tqdm(keys, desc="similarity", disable=not progress, mininterval=0.5):
-        t = taus(experts, key, base_reader.get(ffn_name(key)).float()).double()
         grams.setdefault(key[0], torch.zeros(n, n, dtype=torch.float64))
+        if experts[0].kind == "lora":
+            grams[key[0]] += lora_gram([(*e.factors(key), e.scaling) for e in experts])
+            continue
+        t = taus(experts, key, base_reader.get(ffn_name(key)).float()).double()
         grams[key[0]] += t @ t.T
         del t
         release_memory()
@@ -137,10 +154,13 @@ class ChildRecord:
 
     def add(self, stored: torch.Tensor, mix: torch.Tensor, merged: torch.Tensor) -> None:
         stored, mix, merged = stored.double(), mix.double(), merged.double()
-        self.dot += float(stored @ mix)
-        self.stored += float(stored @ stored)
-        self.mix += float(mix @ mix)
-        self.merged += float(merged @ merged)
+        self.add_sums(float(stored @ mix), float(stored @ stored), float(mix @ mix), float(merged @ merged))
+
+    def add_sums(self, dot: float, stored: float, mix: float, merged: float) -> None:
+        self.dot += dot
+        self.stored += stored
+        self.mix += mix
+        self.merged += merged
 
     def summary(self) -> dict:
         return {"cosine_to_mix": self.dot / max(math.sqrt(self.stored * self.mix), 1e-300),
@@ -181,13 +201,27 @@ def write_child(folder: Path, experts: list, keys: list[Key], base_reader, paren
     svd_device = accelerator()  # delta_svd children's SVDs: the accelerator's, where there is one (factors come back)
     for key in tqdm(keys, desc=f"child {n}", disable=not progress, mininterval=0.5):
         name = ffn_name(key)
-        base = base_reader.get(name).float()
-        pool = taus(experts, key, base)  # (n, numel)
         j, k = parents[key[0]]
-        mix = alpha * pool[j] + (1 - alpha) * pool[k]
 
         def drop(x: torch.Tensor, *what: str) -> torch.Tensor:
             return ops.dare(x, cfg.drop_p, generator(cfg.seed, "expand", round_index, name, *what), rescale=cfg.dare_rescale)
+
+        if kind == "lora" and cfg.lora_merge != "delta_svd":  # all in factor space: no delta is ever made
+            factors = [(*e.factors(key), e.scaling) for e in experts]
+            dropped = [(drop(a_, side, "A"), drop(b_, side, "B")) for (a_, b_, _), side in zip((factors[j], factors[k]), "jk")]
+            combine = ops.lora_child_concat if cfg.lora_merge == "concat" else ops.lora_child_factors
+            a, b = ops.pad_rank(*combine([factors[j], factors[k]], alpha, dropped, scaling), rank)
+            writer.write(f"{lora_prefix(key)}.lora_A.weight", a)
+            writer.write(f"{lora_prefix(key)}.lora_B.weight", b)
+            gram = lora_gram([*factors, (a, b, scaling)])  # (n + 1, n + 1): the pool and the child
+            row = gram[n]
+            mix_sq = alpha ** 2 * gram[j, j] + 2 * alpha * (1 - alpha) * gram[j, k] + (1 - alpha) ** 2 * gram[k, k]
+            record.add_sums(float(alpha * row[j] + (1 - alpha) * row[k]), float(row[n]), float(mix_sq), float(row[n]))
+            rows[key[0]] = rows.get(key[0], torch.zeros(n + 1, dtype=torch.float64)) + row
+            continue
+        base = base_reader.get(name).float()
+        pool = taus(experts, key, base)  # (n, numel)
+        mix = alpha * pool[j] + (1 - alpha) * pool[k]
 
         if kind == "ffn" or cfg.lora_merge == "delta_svd":  # DARE on the whole task vectors
             merged = ops.combine([drop(pool[j], "j"), drop(pool[k], "k")], [alpha, 1 - alpha], "sum")
@@ -195,23 +229,14 @@ def write_child(folder: Path, experts: list, keys: list[Key], base_reader, paren
             writer.write(name, (base.reshape(-1) + merged).reshape(base.shape))
             stored = merged
         else:
-            if cfg.lora_merge == "delta_svd":
-                # (zero-padding past the delta's rank builds CPU tensors in lora_factors_from_delta: CPU there)
-                device = svd_device if rank <= min(base.shape) else torch.device("cpu")
-                a, b, err = lora_factors_from_delta(merged.reshape(base.shape).to(device), rank)
-                a, b = a.cpu(), b.cpu() / scaling
-                errors.append(err)
-            else:
-                parent_factors = [(*experts[p].factors(key), experts[p].scaling) for p in (j, k)]
-                dropped = [(drop(a_, side, "A"), drop(b_, side, "B")) for (a_, b_, _), side in zip(parent_factors, "jk")]
-                combine = ops.lora_child_concat if cfg.lora_merge == "concat" else ops.lora_child_factors
-                a, b = combine(parent_factors, alpha, dropped, scaling)
-                a, b = ops.pad_rank(a, b, rank)
+            # delta_svd: (zero-padding past the delta's rank builds CPU tensors in lora_factors_from_delta: CPU there)
+            device = svd_device if rank <= min(base.shape) else torch.device("cpu")
+            a, b, err = lora_factors_from_delta(merged.reshape(base.shape).to(device), rank)
+            a, b = a.cpu(), b.cpu() / scaling
+            errors.append(err)
             writer.write(f"{lora_prefix(key)}.lora_A.weight", a)
             writer.write(f"{lora_prefix(key)}.lora_B.weight", b)
             stored = (scaling * (b @ a)).reshape(-1)  # what the child is, after storage
-            if cfg.lora_merge != "delta_svd":
-                merged = stored  # stored exactly as merged
         record.add(stored, mix, merged)
         row = torch.cat([pool, stored[None]]).double() @ stored.double()  # (n + 1,)
         rows[key[0]] = rows.get(key[0], torch.zeros(n + 1, dtype=torch.float64)) + row
