@@ -64,10 +64,11 @@ def test_stop_at_new_block():
 def test_cli_and_python_give_the_same_numbers(moe_dir, tmp_path, capsys):
     gsm = tmp_path / "gsm.jsonl"
     gsm.write_text("\n".join(json.dumps({"question": f"What is {i} plus 1?", "answer": f"so #### {i + 1}"}) for i in range(3)))
-    args = [str(moe_dir), "--quiet", "--gsm8k", str(gsm), "max_items=2", f"out={tmp_path / 'cli.json'}"]
+    args = [str(moe_dir), "--quiet", "--gsm8k", str(gsm), "max_items=2", "suite=true", f"out={tmp_path / 'cli.json'}"]
     assert main(["eval", *args]) == 0
     cli = json.loads((tmp_path / "cli.json").read_text())
-    py = evaluate(EvalConfig(model=str(moe_dir), gsm8k=str(gsm), max_items=2, out=tmp_path / "py.json"), progress=False)
+    py = evaluate(EvalConfig(model=str(moe_dir), gsm8k=str(gsm), max_items=2, suite=True, out=tmp_path / "py.json"),
+                  progress=False)
     for key in ("suite", "gsm8k"):
         assert cli[key] == py[key]
     assert cli["moe"] and set(cli["routing"]["specialization"]) == {"code", "math", "knowledge", "mc"}

@@ -133,7 +133,8 @@ def test_own_format_card_says_load_moe(llama_dir, tmp_path, monkeypatch):
     text = (tmp_path / "own" / "README.md").read_text()
     assert set(front_matter(text)["tags"]) >= {"moe", "upcycle", "lora-experts"}
     assert table(text)["format"].startswith("upcycle's own format")
-    assert str(llama_dir.resolve()) in text  # the compact folder names the base it loads onto
+    # the compact folder names the base it loads onto, by name and fingerprint, never by its local path
+    assert "`llama, fingerprint " in text and str(llama_dir) not in text
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(python_block(text), scope)
@@ -199,7 +200,7 @@ def test_post_train_card_names_method_stages_data_and_scores(llama_dir, tmp_path
     assert rows["init"] == "virtual_group"
     assert "1. upcycle: 4 experts from the dense MLP, init virtual_group" in text
     assert "2. post-train: 1 epoch, LM + load-balancing loss (coefficient 0.01), trainable: all" in text
-    assert f"`{data}`" in text
+    assert "`train.jsonl (sha256 " in text and str(tmp_path) not in text  # data by name and hash, no local path
     assert summary["scores"], "the suite was scored"
     for task, score in {**summary["scores"], "average": summary["average"]}.items():
         assert rows[task] == f"{score:.4g}"

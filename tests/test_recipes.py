@@ -77,7 +77,7 @@ def test_mixed_recipes_record_lineage_and_freeze_what_they_say(recipe, llama_dir
         rows = [json.loads(line) for line in resolve_path(d["data"], out / "branch").read_text().splitlines()]
         assert len(rows) == d["rows"] > 0 and {r["domain"] for r in rows} == {d["domain"]}
     assert sum(d["rows"] for d in branch["domains"]) == 36  # the 40 rows less the 10% eval split, each in one expert
-    mixed, trained = load_moe(out / "mix" / "moe"), load_moe(out / "post_train" / "model")
+    mixed, trained = load_moe(out / "mix" / "model"), load_moe(out / "post_train" / "model")
     assert trained.upcycle_spec.num_experts == 2 and trained.upcycle_spec.top_k == 2
     from upcycle.moe.model import moe_blocks
 

@@ -17,6 +17,7 @@ Where the papers are silent, the default chosen here is documented on the field 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -165,6 +166,11 @@ class BuildConfig(_Section):
     export: ExportSpec = Field(default_factory=ExportSpec)
     force: bool = Field(False, description="Replace a non-empty output folder.")
     allow_pickle: bool = Field(False, description="Read .bin/.pt weights (torch.load weights_only=True) when no safetensors exist.")
+
+    @field_validator("base", mode="before")
+    @classmethod
+    def _path_or_name(cls, v):
+        return str(v) if isinstance(v, os.PathLike) else v
 
     @model_validator(mode="after")
     def _consistent(self):
