@@ -82,3 +82,15 @@ def test_out_at_an_input_is_refused_with_force_and_no_input_changes(world, name,
     assert code == 2, err
     assert len(err) == 1 and err[0].startswith("upcycle: error: ") and "input" in err[0], err
     assert {str(p): digest(p) for p in inputs} == before
+
+
+def test_redo_never_removes_a_stage_folder_upcycle_did_not_make(world, tmp_path, capsys):
+    """--redo is --force for a recipe's stage folders: a folder of the user's under the same name stays."""
+    out = tmp_path / "run"
+    (out / "prepare").mkdir(parents=True)
+    (out / "prepare" / "notes.txt").write_text("mine")
+    code = main(["run", str(RECIPES / "dense_lora.yaml"), f"base={world['base']}", f"data.train=[{world['data']}]",
+                 f"out={out}", "--redo", "prepare", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not a folder upcycle made" in err[0], err
+    assert (out / "prepare" / "notes.txt").read_text() == "mine"

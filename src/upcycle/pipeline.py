@@ -408,7 +408,7 @@ def run(cfg: RunConfig, progress: bool = True, redo: list[str] | None = None) ->
 def _plan(cfg: RunConfig, cfgs: dict, redo: list[str], lock: contextlib.ExitStack) -> tuple[dict, list[str]]:
     """Rank 0, before any stage: check the base and the folder, take the lock (held in `lock` until
     the run ends), clear what --redo names; return the run record and the stages still to run."""
-    from upcycle.io.atomic import check_not_an_input, make_output_dir, output_lock
+    from upcycle.io.atomic import check_not_an_input, claim_output, make_output_dir, output_lock
 
     from upcycle.data.check import config_data_problems
 
@@ -440,9 +440,13 @@ def _plan(cfg: RunConfig, cfgs: dict, redo: list[str], lock: contextlib.ExitStac
     dump_config(cfg, out / "recipe_resolved.yaml")
     if redo:
         first = min(ORDER.index(r) for r in redo)
-        for stage in [s for s in cfgs if ORDER.index(s) >= first]:
+        redone = [s for s in cfgs if ORDER.index(s) >= first]
+        for stage in redone:  # --redo is --force for the recipe's own stage folders: upcycle's only
+            claim_output(out / stage, _inputs_of(cfg), force=True, resumable=True)
+        for stage in redone:
             shutil.rmtree(out / stage, ignore_errors=True)
             record["stages"].pop(stage, None)
+
     def finished(stage: str) -> bool:  # done with this config and these evaluation settings, its manifest unchanged
         done = record["stages"].get(stage) or {}
         return done.get("status") == "done" and done.get("config_hash") == config_hash(cfgs[stage], anchor=out) \

@@ -324,17 +324,10 @@ def load_conversations(paths: list[str | Path], schema: Schema = "auto", on_bad_
 def describe_source(entry: str) -> str:
     """A data source for a record others read (a model card): its name and content hash, never a
     local path (`/home/me/data/alpaca.jsonl` -> `alpaca.jsonl (sha256 1a2b3c4d5e6f)`)."""
-    import hashlib
+    from upcycle.manifest import sha256_files
 
     if entry == "suite" or entry.startswith(HUB_DATA):
         return entry
     path = Path(entry)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
-    if not files:
-        return path.name
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return f"{path.name} (sha256 {h.hexdigest()[:12]})"
+    return f"{path.name} (sha256 {sha256_files(files)[:12]})" if files else path.name

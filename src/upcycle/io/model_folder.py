@@ -135,7 +135,7 @@ QUICK_CHUNK = 1 << 16
 
 def quick_fingerprint(files: list[Path]) -> str:
     """Names, sizes and QUICK_SAMPLES chunks spread over each file: equal for identical files and
-    almost never for different ones (a candidate for `content_digest`, which decides)."""
+    almost never for different ones (a candidate for a full hash, manifest.sha256_files, which decides)."""
     h = hashlib.sha256()
     for f in files:
         size = f.stat().st_size
@@ -146,12 +146,3 @@ def quick_fingerprint(files: list[Path]) -> str:
                 h.update(fh.read(QUICK_CHUNK))
     return h.hexdigest()
 
-
-def content_digest(files: list[Path]) -> str:
-    """sha256 over the whole content of the files (reads every byte: use on candidates only)."""
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()

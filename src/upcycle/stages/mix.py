@@ -135,7 +135,8 @@ def duplicate_experts(experts: list) -> list[tuple[int, int]]:
     """Pairs (i, j), i < j, of experts with the same weights: the same folder, or byte-identical
     weight files. A cheap fingerprint (sizes, headers, sampled chunks) finds candidates; only
     those are hashed whole, so distinct multi-GB experts are never read twice."""
-    from upcycle.io.model_folder import content_digest, quick_fingerprint
+    from upcycle.io.model_folder import quick_fingerprint
+    from upcycle.manifest import sha256_files
 
     files = [expert.weight_files() for expert in experts]
     quick = [quick_fingerprint(f) for f in files]
@@ -143,7 +144,7 @@ def duplicate_experts(experts: list) -> list[tuple[int, int]]:
     for j in range(len(experts)):
         for i in range(j):
             same_folder = experts[i].path.resolve() == experts[j].path.resolve()
-            if same_folder or (quick[i] == quick[j] and content_digest(files[i]) == content_digest(files[j])):
+            if same_folder or (quick[i] == quick[j] and sha256_files(files[i]) == sha256_files(files[j])):
                 pairs.append((i, j))
                 break
     return pairs
