@@ -452,7 +452,7 @@ def main() -> None:
 
     wall = time.perf_counter() - started
     compute = sum(r.get("seconds", 0.0) for runs in results.values() for r in runs)
-    main_rows = [r for r in [UNTUNED, *MAIN] if r in results]
+    main_rows = [r for r in dict.fromkeys([UNTUNED, *MAIN, *VARIANTS]) if r in results]
     ablation_rows = [r for r in dict.fromkeys(ABLATIONS + LORA_ABLATIONS) if r in results]  # each row once
     check = learns_check(results)
     text = (f"Model {args.model}, {args.train_per_domain} training items per domain, "
