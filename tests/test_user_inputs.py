@@ -58,6 +58,16 @@ def test_build_takes_a_bundled_name_and_prints_where_the_model_is(tmp_path, caps
     assert AutoModelForCausalLM.from_pretrained(path).config.model_type == "mixtral"
 
 
+def test_build_json_keeps_stdout_one_json_document(tmp_path, capsys):
+    """`--json` is for scripts (the demo parses it): the model line goes to stderr, stdout stays JSON."""
+    out = tmp_path / "moe"
+    assert main(["build", "--base", "bundled:suite-base", "--out", str(out), "--num-experts", "2", "--top-k", "1",
+                 "--quiet", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["experts"] == 2
+    assert printed_model(captured.err)[0] == out
+
+
 def test_a_hub_id_is_served_from_the_cache_with_the_network_off(llama_dir, tmp_path):
     env = {"HF_HOME": str(hub_cache(tmp_path / "hf", "acme/tiny-llama", llama_dir)), "HF_HUB_OFFLINE": "1"}
     for name in ("acme/tiny-llama", f"acme/tiny-llama@{COMMIT}"):

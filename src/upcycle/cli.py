@@ -187,8 +187,9 @@ def _print_build_summary(s: dict) -> None:
           f"{s['seconds']:.1f}s, peak RSS {s['peak_rss_mb']:.0f} MB")
 
 
-def _print_model_line(path: str) -> None:
-    """Where the model a command made is, and how it loads (the same words for every command)."""
+def _print_model_line(path: str, file=None) -> None:
+    """Where the model a command made is, and how it loads (the same words for every command).
+    `file`: stderr where stdout must stay machine-readable (`build --json`)."""
     folder = Path(path)
     if (folder / "upcycle_moe.json").is_file():
         how = f"upcycle.load_moe({str(folder)!r}) (upcycle's own format)"
@@ -196,7 +197,7 @@ def _print_model_line(path: str) -> None:
         how = f"peft.PeftModel.from_pretrained(base_model, {str(folder)!r}) (a LoRA adapter of the base)"
     else:
         how = f"transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r})"
-    print(f"model: {folder}  -> load with {how}")
+    print(f"model: {folder}  -> load with {how}", file=file or sys.stdout)
 
 
 def _is_rank_zero() -> bool:
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "build":
             print(json.dumps(summary, indent=2, default=str)) if args.json else _print_build_summary(summary)
-            _print_model_line(summary["out"])
+            _print_model_line(summary["out"], file=sys.stderr if args.json else None)
         elif args.command == "eval":
             print(json.dumps({k: v for k, v in summary.items() if k != "routing"} | (
                 {"routing_specialization": summary["routing"]["specialization"]} if "routing" in summary else {}), indent=2))
