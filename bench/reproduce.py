@@ -286,6 +286,7 @@ def plot_figure2(prepare_folders: list[Path], path: Path) -> None:
 
     runs = [json.loads((f / "checkpoint_scores.json").read_text()) for f in prepare_folders
             if (f / "checkpoint_scores.json").is_file()]
+    runs = [run for run in runs if len(run) == max(map(len, runs), default=0)]  # seeds that scored every checkpoint
     if not runs:
         return
     epochs = [c["epoch"] for c in runs[0]]

@@ -12,7 +12,7 @@ says the pool is degenerate:
     bucket entropy                of the argmin bucket sizes, divided by log N (route): 1 is even,
                                   0 is one expert owning every sample
 
-The thresholds below are where a pool stops being one UpIT can work with (README, "Diversity").
+The thresholds below are where a pool stops being one UpIT can work with (README, "Diversity of UpIT's expert pool").
 """
 
 from __future__ import annotations
