@@ -184,12 +184,40 @@ def test_own_data_is_not_scored_on_the_suite_and_turning_evaluation_on_never_ret
     assert results["model"].endswith(manifest["checkpoints"][-1]["path"]) and results["scores"] is None
     assert manifest["train_report"]["chat_template"].startswith("the tokenizer's own (sha256")
     weights = {p: p.stat().st_mtime_ns for p in (out / "prepare" / "checkpoints").rglob("*.safetensors")}
-    assert main([*argv, "evaluate=true", "eval_max_items=2", "eval_checkpoints=last"]) == 0, capsys.readouterr().err
+    assert main([*argv, "evaluate=true", "eval_max_items=2"]) == 0, capsys.readouterr().err  # eval_checkpoints: auto
     manifest = json.loads((out / "prepare" / "manifest.json").read_text())
     assert manifest["checkpoints"][-1]["scores"] and manifest["checkpoints"][0].get("scores") is None
     assert {p: p.stat().st_mtime_ns for p in (out / "prepare" / "checkpoints").rglob("*.safetensors")} == weights
     record = json.loads((out / "run.json").read_text())["stages"]["prepare"]
     assert record["evaluation"] == {"evaluate": True, "eval_max_items": 2, "eval_checkpoints": "last"}
+
+
+@pytest.mark.parametrize("recipe, setting, expected", [("upit_lora", "auto", "none"), ("upit_lora", "all", "all"),
+                                                       ("upit_lora", "last", "last"), ("dense_lora", "auto", "last"),
+                                                       ("dense_sft", "auto", "last"), ("upit_ffn", "auto", "none")])
+def test_eval_checkpoints_auto_scores_stage_1_only_where_it_is_the_deliverable(recipe, setting, expected):
+    from upcycle.config_io import load_config
+    from upcycle.pipeline import RunConfig, stage_configs
+
+    cfg = load_config(RunConfig, RECIPES / f"{recipe}.yaml", ["out=/tmp/unused", f"eval_checkpoints={setting}"])
+    assert stage_configs(cfg)["prepare"].eval_checkpoints == expected
+
+
+def test_a_plain_upit_run_scores_its_moe_and_no_stage_1_checkpoint(llama_dir, tmp_path, capsys):
+    """Figure 2 (every stage-1 checkpoint scored) is opt-in: by default UpIT scores only what it delivers."""
+    data = _write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    out = tmp_path / "upit"
+    argv = ["run", str(RECIPES / "upit_lora.yaml"), f"base={llama_dir}", f"data.train=[{data}]", f"out={out}", *RUN,
+            "prepare.train.epochs=2", "prepare.save_every=0.25", "prepare.train.batch_size=2", "route.seed_count=8",
+            "route.train.epochs=1", "route.train.batch_size=4", "post_train.train.batch_size=4", "post_train.train.epochs=0.5",
+            "post_train.save_every=0.5", "evaluate=true", "eval_max_items=1"]
+    assert main(argv) == 0, capsys.readouterr().err
+    prepare = json.loads((out / "prepare" / "manifest.json").read_text())
+    assert len(prepare["checkpoints"]) == 8 and all(c.get("scores") is None for c in prepare["checkpoints"])
+    assert json.loads((out / "post_train" / "manifest.json").read_text())["scores"]
+    assert main([*argv, "eval_checkpoints=all"]) == 0, capsys.readouterr().err  # Figure 2 asked for: scores only
+    prepare = json.loads((out / "prepare" / "manifest.json").read_text())
+    assert all(c["scores"] for c in prepare["checkpoints"]) and (out / "prepare" / "checkpoint_scores.png").is_file()
 
 
 def test_a_training_stage_draws_its_loss_curve_and_logs_to_tensorboard(llama_dir, tmp_path):

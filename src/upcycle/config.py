@@ -42,6 +42,21 @@ EVALUATE_HELP = ("Score on the built-in suite's test split: auto (only when the 
                  "your own data is not scored on a task it never saw), true, or false.")
 
 
+EvalCheckpoints = Literal["auto", "none", "last", "all"]
+EVAL_CHECKPOINTS_HELP = (
+    "Which stage-1 checkpoints are scored: all (the paper's Figure 2: which checkpoint is best at what; 8 scorings), "
+    "last (the final one: what a dense recipe delivers), none, or auto: last where stage 1's model is what the "
+    "recipe (or the prepare command) delivers, none where later stages turn the checkpoints into an MoE, which is "
+    "scored instead (a plain UpIT run does not pay for Figure 2).")
+
+
+def checkpoints_to_score(setting: EvalCheckpoints, delivers: bool) -> Literal["none", "last", "all"]:
+    """`eval_checkpoints` resolved: auto means last when stage 1's model is the deliverable, else none."""
+    if setting == "auto":
+        return "last" if delivers else "none"
+    return setting
+
+
 def scores_suite(evaluate: Evaluate, data: "DataSpec") -> bool:
     """Whether a stage scores the built-in suite (`evaluate`: auto / true / false)."""
     return evaluate is True or (evaluate == "auto" and list(data.train) == ["suite"])
@@ -327,9 +342,7 @@ class PrepareConfig(_Section):
         "last", description="Optimizer states are only needed to resume: keep the latest checkpoint's (last) or every one.")
     evaluate: Evaluate = Field("auto", description=EVALUATE_HELP + " prepare scores its checkpoints (table + plot).")
     eval_max_items: int | None = Field(None, gt=0, description="Cap on suite test items per domain for per-checkpoint scoring.")
-    eval_checkpoints: Literal["all", "last"] = Field(
-        "all", description="all: score every checkpoint (the paper's Figure 2: which checkpoint is best at what); "
-        "last: only the final one (what a dense recipe delivers), a fraction of the time.")
+    eval_checkpoints: EvalCheckpoints = Field("auto", description=EVAL_CHECKPOINTS_HELP)
     force: bool = Field(False, description="Start over in a non-empty out folder made with a different config.")
 
     @model_validator(mode="after")

@@ -32,8 +32,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from upcycle.config import (AT, EVALUATE_HELP, BranchConfig, DataSpec, Evaluate, ExpandConfig, MixConfig, PostTrainConfig,
-                            PrepareConfig, RouteConfig, _Section, base_problems, refuse, scores_suite)
+from upcycle.config import (AT, EVAL_CHECKPOINTS_HELP, EVALUATE_HELP, BranchConfig, DataSpec, EvalCheckpoints, Evaluate,
+                            ExpandConfig, MixConfig, PostTrainConfig, PrepareConfig, RouteConfig, _Section, base_problems,
+                            checkpoints_to_score, refuse, scores_suite)
 
 from upcycle.config_io import EVAL_KEYS, config_hash, dump_config
 from upcycle.errors import UpcycleError
@@ -73,8 +74,7 @@ class RunConfig(_Section):
     mix: MixConfig = Field(default_factory=MixConfig)
     evaluate: Evaluate = Field("auto", description=EVALUATE_HELP)
     eval_max_items: int | None = Field(None, gt=0)
-    eval_checkpoints: Literal["all", "last"] = Field("all", description="prepare: score every stage-1 checkpoint (Figure 2) "
-                                                     "or only the last")
+    eval_checkpoints: EvalCheckpoints = Field("auto", description=EVAL_CHECKPOINTS_HELP)
     report_to: list[str] | None = Field(None, description="Where every training stage sends the Trainer's logs, e.g. "
                                         "[tensorboard] or [wandb] (a stage's own train.report_to wins).")
 
@@ -115,6 +115,14 @@ def _source_upit(run: RunConfig) -> bool:
     return "post_train" in run.stages and run.post_train.source == "upit"
 
 
+def shared_value(run: RunConfig, key: str):
+    """The recipe's value of a SHARED key as its stages get it: `eval_checkpoints: auto` is resolved here,
+    where it is known whether stage 1's model is the recipe's deliverable (its last stage) or not."""
+    if key == "eval_checkpoints":
+        return checkpoints_to_score(run.eval_checkpoints, delivers=run.stages[-1] == "prepare")
+    return getattr(run, key)
+
+
 def shared_problems(run: RunConfig) -> list[str]:
     """A stage's own seed/data/evaluate that contradicts the recipe's is refused, naming each differing key."""
     problems = []
@@ -125,7 +133,7 @@ def shared_problems(run: RunConfig) -> list[str]:
             if key in section.model_fields_set and key not in connected[stage]:  # a connected key: link_problems
                 problems += [f"{AT}{stage}.{k}: {mine!r} contradicts the recipe's {k}={theirs!r}; every stage of a "
                              f"recipe runs with its top-level {key}: change {k} instead, or remove {stage}.{key}"
-                             for k, mine, theirs in _differences(key, getattr(section, key), getattr(run, key))]
+                             for k, mine, theirs in _differences(key, getattr(section, key), shared_value(run, key))]
     return problems
 
 
@@ -219,7 +227,7 @@ def implied_values(run: RunConfig) -> dict[str, dict]:
     fills: dict[str, dict] = {}
     for stage, keys in SHARED.items():
         section = getattr(run, stage)
-        fills[stage] = {k: getattr(run, k) for k in keys if k not in section.model_fields_set}
+        fills[stage] = {k: shared_value(run, k) for k in keys if k not in section.model_fields_set}
     connected = links(run)
     if "data" in connected["post_train"] and "data" not in run.post_train.model_fields_set:
         fills["post_train"]["data"] = connected["post_train"]["data"]  # self-generated data: the router's
@@ -243,7 +251,7 @@ def implied_values(run: RunConfig) -> dict[str, dict]:
 def stage_configs(run: RunConfig) -> dict[str, object]:
     """Each stage's full config: the recipe's section with the run-wide values and paths filled in."""
     connected = links(run)
-    configs = {stage: getattr(run, stage).model_copy(update={**{k: getattr(run, k) for k in SHARED[stage]},
+    configs = {stage: getattr(run, stage).model_copy(update={**{k: shared_value(run, k) for k in SHARED[stage]},
                                                              **connected[stage]})
                for stage in run.stages}
     if run.report_to is not None:  # logging only: not in any config hash (config_io.LOGGING_KEYS)

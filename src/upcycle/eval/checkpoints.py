@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from upcycle.config import checkpoints_to_score
 from upcycle.manifest import Manifest
 from upcycle.suite.mixes import make_suite
 from upcycle.suite.tasks import DOMAINS
@@ -34,7 +35,7 @@ def eval_signature(suite_spec, max_per_domain: int | None) -> str:
 
 
 def evaluate_checkpoints(manifest: Manifest, base: Path, cfg, tokenizer, progress: bool = True) -> list[dict]:
-    """Each checkpoint (cfg.eval_checkpoints: all, or the last) on this process's accelerator, in the
+    """Each checkpoint (cfg.eval_checkpoints: all, the last, or none) on this process's accelerator, in the
     dtype prepare trained it in. Under torchrun the checkpoints are shared out across ranks, one round
     of `world size` at a time, and rank 0 records each round's scores (a rerun scores only what no
     round recorded with these evaluation settings)."""
@@ -48,7 +49,8 @@ def evaluate_checkpoints(manifest: Manifest, base: Path, cfg, tokenizer, progres
 
     items = suite_test_items(cfg.data.suite, cfg.eval_max_items)
     signature = eval_signature(cfg.data.suite, cfg.eval_max_items)
-    chosen = manifest.checkpoints if cfg.eval_checkpoints == "all" else manifest.checkpoints[-1:]
+    which = checkpoints_to_score(cfg.eval_checkpoints, delivers=True)  # a prepare of its own delivers its model
+    chosen = {"all": manifest.checkpoints, "last": manifest.checkpoints[-1:], "none": []}[which]
     todo = [c for c in chosen if c.get("scored_with") != signature]
     loaded: dict = {}  # LoRA: one peft model per rank, its adapter weights swapped per checkpoint
 
