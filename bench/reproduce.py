@@ -65,7 +65,8 @@ class Profile:
 # LoRA rank 16 on the MLP, batch 8, lr 1e-3 (LoRA stages) -- the recipes' 3e-3 is the toy base's. UpIT as the recipe
 # ships it: 8 stage-1 checkpoints (0.25 epoch apart over 2 epochs), the second half (4) DARE-expanded to 8 experts
 # (children by DARE on each parent's LoRA factors), seed set 1% of the rows with a floor of 4 per expert, 4 epochs
-# of router pre-training. Stage-1 checkpoints are scored (Figure 2) on the first seed only; elsewhere the last.
+# of router pre-training. Stage-1 checkpoints are scored (Figure 2) on UpIT's first seed only; elsewhere as
+# eval_checkpoints: auto has it (dense_lora scores its last checkpoint, which is the row; UpIT none).
 SMOL_LR = "1.0e-3"
 PROFILES = {
     "suite": Profile(recipes=MAIN + ABLATIONS, train_per_domain=100, eval_items=25, data_scaling=[50, 200],
@@ -378,6 +379,9 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for every recipe")
     ap.add_argument("--keep-models", action="store_true",
                     help="keep every run's post-trained weights and Trainer checkpoints (default: freed once scored)")
+    ap.add_argument("--figure2-seed", default=None,
+                    help="the UpIT seed that scores every stage-1 checkpoint for Figure 2 (default: the first of --seeds; "
+                    "'none': no Figure 2, e.g. when adding seeds to a table whose Figure 2 exists)")
     ap.add_argument("--report-only", action="store_true",
                     help="write results.md from the runs already finished under --out; start no run")
     args = ap.parse_args()
@@ -385,6 +389,8 @@ def main() -> None:
     for key in ("train_per_domain", "eval_items", "data_scaling", "expert_scaling", "recipes"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(prof, key))
+    figure2_seed = None if args.model == "suite" or args.figure2_seed == "none" else (
+        args.seeds[0] if args.figure2_seed is None else int(args.figure2_seed))
     suffix = "" if args.model == "suite" else f"-{args.model}"
     out = Path(args.out or ROOT / "bench" / "results" / f"reproduction{suffix}")
     figures = Path(args.figures or ROOT / "docs" / "results" / args.model)
@@ -399,8 +405,9 @@ def main() -> None:
         results[UNTUNED] = [r for r in runs if r is not None]
     for recipe in args.recipes:
         for seed in args.seeds:
-            figure2 = recipe == "upit_lora" and seed == args.seeds[0] and args.model != "suite"
-            scoring = [] if args.model == "suite" else [f"eval_checkpoints={'all' if figure2 else 'last'}"]
+            figure2 = recipe == "upit_lora" and seed == figure2_seed
+            # Figure 2 on the first seed of UpIT; elsewhere eval_checkpoints: auto (stage 1 scored only where it is the row)
+            scoring = ["eval_checkpoints=all"] if figure2 else []
             overrides = size + prof.per_recipe.get(recipe, []) + scoring
             folder = out / recipe / f"seed{seed}"
             if prof.share_stages and recipe != "upit_lora" and not REPORT_ONLY:
@@ -439,13 +446,17 @@ def main() -> None:
 
     buckets, diversity, ratio = "", "", ""
     if "upit_lora" in results and "loramoe_sft" in results:
-        minutes = {r: statistics.mean(x.get("seconds", 0.0) for x in results[r]) / 60 for r in ("upit_lora", "loramoe_sft")}
-        ratio = (f"UpIT's wall time against LoRAMoE_SFT's at equal data, this invocation: {minutes['upit_lora']:.1f} vs "
+        plain = [x for x in results["upit_lora"] if x["seed"] != figure2_seed] or results["upit_lora"]  # no Figure 2
+        minutes = {"upit_lora": statistics.mean(x.get("seconds", 0.0) for x in plain) / 60,
+                   "loramoe_sft": statistics.mean(x.get("seconds", 0.0) for x in results["loramoe_sft"]) / 60}
+        ratio = (f"UpIT's wall time against LoRAMoE_SFT's at equal data: {minutes['upit_lora']:.1f} vs "
                  f"{minutes['loramoe_sft']:.1f} min per run, {minutes['upit_lora'] / max(minutes['loramoe_sft'], 1e-9):.2f}x "
-                 "(UpIT's first seed also scores its 8 stage-1 checkpoints for Figure 2)")
+                 f"(UpIT over seeds {[x['seed'] for x in plain]}; the Figure-2 seed also scores its 8 stage-1 checkpoints; runs resumed from an earlier invocation count with their own time; "
+                 "bench/bench_upit_cost.py measures both in one invocation)")
     if args.model != "suite" and "upit_lora" in results:
         diversity = diversity_report(out, "upit_lora", args.seeds)
-        plot_figure2([out / "upit_lora" / f"seed{seed}" / "prepare" for seed in args.seeds], figures / "figure2.png")
+        if figure2_seed is not None:
+            plot_figure2([out / "upit_lora" / f"seed{seed}" / "prepare" for seed in args.seeds], figures / "figure2.png")
         first = results["upit_lora"][0]["seed"]
         plot_upit_routing(out / "upit_lora" / f"seed{first}" / "post_train" / "model", size, first,
                           figures / "routing_upit_lora.png")
