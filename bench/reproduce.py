@@ -445,13 +445,14 @@ def main() -> None:
         plot_curve(expert_points, "experts", out / "expert_scaling.png", "Expert scaling, UpIT LoRA (seed %d)" % args.seeds[0])
 
     buckets, diversity, ratio = "", "", ""
-    if "upit_lora" in results and "loramoe_sft" in results:
-        plain = [x for x in results["upit_lora"] if x["seed"] != figure2_seed] or results["upit_lora"]  # no Figure 2
+    plain = [x for x in results.get("upit_lora", []) if x["seed"] != figure2_seed]  # UpIT runs without Figure 2
+    if plain and "loramoe_sft" in results:
         minutes = {"upit_lora": statistics.mean(x.get("seconds", 0.0) for x in plain) / 60,
                    "loramoe_sft": statistics.mean(x.get("seconds", 0.0) for x in results["loramoe_sft"]) / 60}
         ratio = (f"UpIT's wall time against LoRAMoE_SFT's at equal data: {minutes['upit_lora']:.1f} vs "
                  f"{minutes['loramoe_sft']:.1f} min per run, {minutes['upit_lora'] / max(minutes['loramoe_sft'], 1e-9):.2f}x "
-                 f"(UpIT over seeds {[x['seed'] for x in plain]}; the Figure-2 seed also scores its 8 stage-1 checkpoints; runs resumed from an earlier invocation count with their own time; "
+                 f"(UpIT over seeds {[x['seed'] for x in plain]}, not the Figure-2 seed, which also scores its 8 stage-1 "
+                 "checkpoints; runs resumed from an earlier invocation count with their own time; "
                  "bench/bench_upit_cost.py measures both in one invocation)")
     if args.model != "suite" and "upit_lora" in results:
         diversity = diversity_report(out, "upit_lora", args.seeds)
