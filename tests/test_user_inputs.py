@@ -203,6 +203,22 @@ def test_eval_checkpoints_auto_scores_stage_1_only_where_it_is_the_deliverable(r
     assert stage_configs(cfg)["prepare"].eval_checkpoints == expected
 
 
+@pytest.mark.parametrize("section, refused", [("auto", False), ("none", False), ("all", True)])
+def test_a_stage_repeating_the_recipes_eval_checkpoints_is_accepted_and_a_different_one_refused(section, refused):
+    """prepare.eval_checkpoints is compared with the recipe's after both resolve `auto` (UpIT: none)."""
+    from upcycle.config_io import load_config
+    from upcycle.errors import UpcycleError
+    from upcycle.pipeline import RunConfig, stage_configs
+
+    overrides = ["out=/tmp/unused", f"prepare.eval_checkpoints={section}"]
+    if refused:
+        with pytest.raises(UpcycleError, match=r"prepare\.eval_checkpoints: 'all' contradicts the recipe's "
+                                               r"eval_checkpoints='none'"):
+            load_config(RunConfig, RECIPES / "upit_lora.yaml", overrides)
+    else:
+        assert stage_configs(load_config(RunConfig, RECIPES / "upit_lora.yaml", overrides))["prepare"].eval_checkpoints == "none"
+
+
 def test_a_plain_upit_run_scores_its_moe_and_no_stage_1_checkpoint(llama_dir, tmp_path, capsys):
     """Figure 2 (every stage-1 checkpoint scored) is opt-in: by default UpIT scores only what it delivers."""
     data = _write_jsonl(tmp_path / "d.jsonl", ALPACA)

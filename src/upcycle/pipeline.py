@@ -115,12 +115,16 @@ def _source_upit(run: RunConfig) -> bool:
     return "post_train" in run.stages and run.post_train.source == "upit"
 
 
-def shared_value(run: RunConfig, key: str):
-    """The recipe's value of a SHARED key as its stages get it: `eval_checkpoints: auto` is resolved here,
-    where it is known whether stage 1's model is the recipe's deliverable (its last stage) or not."""
+_RECIPES_OWN = object()  # shared_value's default: the recipe's own value (None is a real value of some keys)
+
+
+def shared_value(run: RunConfig, key: str, value=_RECIPES_OWN):
+    """A SHARED key's value (the recipe's, or `value`) as its stages get it: `eval_checkpoints: auto` is
+    resolved here, where it is known whether stage 1's model is the recipe's deliverable (its last stage)."""
+    value = getattr(run, key) if value is _RECIPES_OWN else value
     if key == "eval_checkpoints":
-        return checkpoints_to_score(run.eval_checkpoints, delivers=run.stages[-1] == "prepare")
-    return getattr(run, key)
+        return checkpoints_to_score(value, delivers=run.stages[-1] == "prepare")
+    return value
 
 
 def shared_problems(run: RunConfig) -> list[str]:
@@ -133,7 +137,8 @@ def shared_problems(run: RunConfig) -> list[str]:
             if key in section.model_fields_set and key not in connected[stage]:  # a connected key: link_problems
                 problems += [f"{AT}{stage}.{k}: {mine!r} contradicts the recipe's {k}={theirs!r}; every stage of a "
                              f"recipe runs with its top-level {key}: change {k} instead, or remove {stage}.{key}"
-                             for k, mine, theirs in _differences(key, getattr(section, key), shared_value(run, key))]
+                             for k, mine, theirs in _differences(key, shared_value(run, key, getattr(section, key)),
+                                                                 shared_value(run, key))]
     return problems
 
 
